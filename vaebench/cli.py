@@ -1,0 +1,135 @@
+"""`vaebench run / ls / ui`: `main(argv) -> int`, testable in process.
+
+Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (experiments file,
+flags), 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    from vaebench.config import load_experiment
+
+    return load_experiment(args.file)
+
+
+def _only(args: argparse.Namespace) -> dict[str, list[Any]]:
+    from vaebench.runner import parse_only
+
+    return parse_only(args.only or [])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vaebench.runner import run_experiment
+
+    exp = _load(args)
+    summary = run_experiment(exp, only=_only(args), force=args.force, progress=not args.no_progress,
+                             echo=print)
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from vaebench.matrix import expand
+    from vaebench.runner import select
+
+    exp = _load(args)
+    specs = select(expand(exp), _only(args))
+    axes = list(dict.fromkeys(a for s in specs for a in s.axes))
+    rows = [["#", "name", "run key", *axes]]
+    rows += [[str(i + 1), s.name, s.key, *(_cell(s.axes.get(a, getattr(s.settings, a, ""))) for a in axes)]
+             for i, s in enumerate(specs)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"{len(specs)} cells in {exp.name!r}; tracking: {exp.resolved_tracking_uri()}")
+    return EXIT_OK
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v) if not isinstance(v, (dict, list)) else str(v).replace(" ", "")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from vaebench.config import ENV_TRACKING_URI
+
+    if args.file:
+        uri = _load(args).resolved_tracking_uri()
+    else:
+        uri = os.environ.get(ENV_TRACKING_URI) or "sqlite:///" + os.path.abspath("mlruns.db")
+    if uri.startswith(("http://", "https://")):
+        print(f"the tracking store is a server: open {uri}")
+        return EXIT_OK
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop")
+    return subprocess.call(cmd)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "ls": cmd_ls, "ui": cmd_ui}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vaebench import __version__
+
+    p = argparse.ArgumentParser(prog="vaebench", description="Benchmark autoencoders and VAEs from one YAML matrix.")
+    p.add_argument("--version", action="version", version=f"vaebench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_file(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("file", help="the experiments file, e.g. experiments.yaml")
+        sp.add_argument("--only", action="append", metavar="SETTING=VALUE",
+                        help="restrict to cells whose SETTING equals VALUE (repeatable; same setting twice = either)")
+        return sp
+
+    run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
+    run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    with_file("ls", "print the expanded matrix as a table (nothing is trained)")
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")
+    ui.add_argument("file", nargs="?", help="the experiments file (its tracking store); default ./mlruns.db")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vaebench.config import ConfigError
+    from vaebench.runner import SelectionError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        _err(f"error: invalid experiments file\n{e}")
+        return EXIT_USAGE
+    except SelectionError as e:
+        _err(f"error: {e}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted: finished cells are kept; run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+
+def entrypoint() -> None:
+    sys.exit(main())

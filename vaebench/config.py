@@ -1,0 +1,407 @@
+"""The typed schema of an experiments file, and its loader.
+
+Every error names the file, the key path (with its line where the YAML has one), the bad value and
+what is allowed; `load_experiment` raises one `ConfigError` carrying all of them, and the CLI turns
+it into exit code 2 before anything is trained or logged.
+
+The run settings are validated cell by cell (defaults, then each matrix value, then each include
+entry), so an error points at the place in the file the bad value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_DATA_DIR = "VAEBENCH_DATA_DIR"
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(Exception):
+    """One or more problems in an experiments file; `str()` lists them one per line."""
+
+    def __init__(self, file: str | os.PathLike, problems: list[str]):
+        self.file = str(file)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.file}:{p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- run settings: one matrix cell -------------------------------------------------------------
+
+
+class KLAnneal(_Strict):
+    """Multiplies the KL weight by a factor in [0, 1] during training (never during evaluation).
+
+    linear: warm-up from 0 to 1 over `epochs` epochs (Bowman et al. 2016).
+    cyclical: `cycles` repeats of a warm-up over `ratio` of each cycle, spread over `epochs`
+    epochs, then held at 1 (Fu et al. 2019).
+    """
+
+    schedule: Literal["none", "linear", "cyclical"] = "none"
+    epochs: int = Field(0, ge=0)
+    cycles: int = Field(4, ge=1)
+    ratio: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class RunSettings(_Strict):
+    """Every setting of one run. Any of them can be a matrix axis; names are the shared vocabulary
+    of docs, MLflow params and report columns."""
+
+    dataset: str = "mnist"
+    dataset_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    model: str = "vae"
+    arch: str = "mlp"
+    arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    latent_dim: int = Field(16, ge=1, le=4096)
+    beta: float = Field(1.0, ge=0.0)
+    reduction: Literal["sum", "mean"] = "sum"
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    gaussian_sigma: float | Literal["learned"] = 1.0
+    kl_anneal: KLAnneal = KLAnneal()
+    binarization: Literal["none", "static", "dynamic"] = "none"
+    image_size: int | None = Field(None, ge=4, le=1024)
+    noise: float = Field(0.3, ge=0.0, le=10.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1.0e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1)
+    patience: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from vaebench.data import DATASETS
+
+        return _one_of(v, DATASETS, "dataset")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from vaebench.models import FAMILIES
+
+        return _one_of(v, FAMILIES, "model family")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from vaebench.models import ARCHS
+
+        return _one_of(v, ARCHS, "architecture")
+
+    @field_validator("gaussian_sigma")
+    @classmethod
+    def _positive_sigma(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("must be > 0 or 'learned'")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError(f"{v!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve_options(self) -> RunSettings:
+        # Validate every options block given (a typo in an unused block is still a typo), then keep
+        # only the block of the chosen arch/dataset, filled with its defaults: that is what the run
+        # uses and what its run key must depend on.
+        from vaebench.data import DATASET_OPTIONS
+        from vaebench.models import ARCHS
+
+        arch_opts = {a: _validate_block(ARCHS, a, o, "architecture", lambda x: x.options)
+                     for a, o in self.arch_options.items()}
+        data_opts = {d: _validate_block(DATASET_OPTIONS, d, o, "dataset", lambda x: x)
+                     for d, o in self.dataset_options.items()}
+        object.__setattr__(self, "arch_options",
+                           {self.arch: arch_opts.get(self.arch) or ARCHS[self.arch].options().model_dump()})
+        if self.dataset in data_opts:
+            chosen = data_opts[self.dataset]
+        else:
+            try:
+                chosen = DATASET_OPTIONS[self.dataset]().model_dump()
+            except ValidationError as e:  # required options (image_folder needs a path)
+                raise ValueError(f"dataset {self.dataset!r} needs dataset_options.{self.dataset}: "
+                                 f"{_first_message(e)}") from None
+        object.__setattr__(self, "dataset_options", {self.dataset: chosen})
+        return self
+
+    @property
+    def arch_config(self) -> dict[str, Any]:
+        return self.arch_options[self.arch]
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self.dataset_options[self.dataset]
+
+
+def _one_of(value: str, registry: dict, what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(sorted(registry))}")
+    return value
+
+
+def _validate_block(registry: dict, name: str, options: dict, what: str, schema_of) -> dict:
+    if name not in registry:
+        raise ValueError(f"options for unknown {what} {name!r}; allowed: {', '.join(sorted(registry))}")
+    try:
+        return schema_of(registry[name]).model_validate(options).model_dump()
+    except ValidationError as e:
+        raise ValueError(f"{name}: {_first_message(e)}") from None
+
+
+def _first_message(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+
+
+SETTING_NAMES = tuple(RunSettings.model_fields)
+
+
+# --- the sections around the matrix ------------------------------------------------------------
+
+
+class EvaluateSettings(_Strict):
+    """The fixed evaluation protocol's knobs (same for every run of a file)."""
+
+    iw_samples: int = Field(100, ge=1)
+    iw_chunk: int = Field(50_000, ge=1)
+    max_test_samples: int | None = Field(None, ge=10)
+    silhouette_samples: int = Field(1000, ge=10)
+    knn_neighbors: int = Field(5, ge=1)
+    kmeans_restarts: int = Field(10, ge=1)
+    clustering: bool = True
+    figures: bool = True
+
+
+class Experiment(_Strict):
+    name: str = Field(min_length=1)
+    tracking_uri: str | None = None
+    data_dir: str = "./data"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    matrix: dict[str, list[Any]] = Field(default_factory=dict)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    evaluate: EvaluateSettings = EvaluateSettings()
+    tune: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+
+    # Filled in by load_experiment (not YAML keys).
+    path: Path | None = Field(None, exclude=True)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat: {v}")
+        if any(s < 0 for s in v):
+            raise ValueError("seeds must be >= 0")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolved_tracking_uri(self) -> str:
+        """MLFLOW_TRACKING_URI wins, then the file's `tracking_uri`, then a SQLite file next to
+        the experiments file. Relative sqlite paths are taken relative to the experiments file."""
+        uri = os.environ.get(ENV_TRACKING_URI) or self.tracking_uri or "sqlite:///mlruns.db"
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            rel = uri[len("sqlite:///"):]
+            if rel != ":memory:" and not Path(rel).is_absolute():
+                uri = "sqlite:///" + str((self.base_dir / rel).resolve())
+        return uri
+
+    def resolved_data_dir(self) -> Path:
+        d = Path(os.environ.get(ENV_DATA_DIR) or self.data_dir).expanduser()
+        return d if d.is_absolute() else (self.base_dir / d).resolve()
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
+    """1-based line of the deepest node along `path` (keys and list indices)."""
+    node, line = root, None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == str(part)), None)
+            if nxt is None:
+                break
+            line, node = next(k for k, _ in node.value if k.value == str(part)).start_mark.line + 1, nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _fmt_path(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+class _Problems:
+    """Collects errors with their key paths; lines are looked up in the YAML node tree."""
+
+    def __init__(self, root: yaml.Node | None):
+        self.root, self.items = root, []
+
+    def add(self, path: tuple, message: str) -> None:
+        line = _line_of(self.root, path)
+        where = f"{line}: " if line else " "
+        self.items.append(f"{where}{_fmt_path(path)}: {message}")
+
+    def add_validation(self, prefix: tuple, err: ValidationError, data: Any = None) -> None:
+        for e in err.errors():
+            loc = tuple(x for x in e["loc"] if x not in ("function-after", "literal", "int", "float", "str"))
+            # pydantic prefixes union members ("float", "literal[...]"): keep the YAML-shaped path
+            loc = tuple(x for x in loc if not (isinstance(x, str) and x.startswith(("literal[", "constrained-"))))
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                allowed = _allowed_keys(prefix + loc[:-1])
+                msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+                msg = f"{e['input']!r}: {msg}"
+            self.add(prefix + loc, msg)
+
+
+def _allowed_keys(path: tuple) -> list[str]:
+    if path == ():
+        return sorted(k for k in Experiment.model_fields if k != "path")
+    if path[-1] == "kl_anneal":
+        return list(KLAnneal.model_fields)
+    if path[-1] == "evaluate":
+        return list(EvaluateSettings.model_fields)
+    if path[0] in ("defaults", "include") or path[-1] in ("defaults",):
+        return list(SETTING_NAMES)
+    return []
+
+
+def load_experiment(path: str | os.PathLike) -> Experiment:
+    """Read, validate and return the experiments file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(path, [f" cannot read the file: {e.strerror or e}"]) from None
+    try:
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{mark.line + 1}: " if mark else " "
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [f"{where}invalid YAML: {problem}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [" the file must be a mapping with at least `name` and `matrix`"])
+    problems = _Problems(root)
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as e:
+        problems.add_validation((), e, raw)
+        raise ConfigError(path, problems.items) from None
+    exp = exp.model_copy(update={"path": path.resolve()})
+    _check_settings(exp, problems)
+    if problems.items:
+        raise ConfigError(path, problems.items)
+    # Expanding catches what only shows in combination (and an empty expansion).
+    from vaebench.matrix import MatrixError, expand
+
+    try:
+        expand(exp)
+    except MatrixError as e:
+        problems.add(e.path, e.message)
+        raise ConfigError(path, problems.items) from None
+    return exp
+
+
+def _check_settings(exp: Experiment, problems: _Problems) -> None:
+    """Validate defaults, each matrix value and each include entry as run settings."""
+    from vaebench.matrix import apply_setting, split_axis
+
+    try:
+        RunSettings.model_validate(exp.defaults)
+    except ValidationError as e:
+        problems.add_validation(("defaults",), e)
+        return  # every cell builds on the defaults: further errors would only repeat these
+    if not exp.matrix and not exp.include:
+        problems.add(("matrix",), "the matrix is empty; give at least one axis, e.g. `model: [ae, vae]`")
+    seen: dict[str, str] = {}
+    for axis, values in exp.matrix.items():
+        head, _ = split_axis(axis)
+        if head not in SETTING_NAMES:
+            problems.add(("matrix", axis), f"unknown setting {head!r}; allowed axes: {', '.join(SETTING_NAMES)}")
+            continue
+        if head == "seed":
+            problems.add(("matrix", axis), "duplicate axis: seeds are set by the top-level `seeds` list")
+            continue
+        if head in seen and (seen[head] == axis or "." not in axis or "." not in seen[head]):
+            problems.add(("matrix", axis), f"duplicate axis: {axis!r} overlaps {seen[head]!r}")
+            continue
+        seen[head] = axis
+        if not values:
+            problems.add(("matrix", axis), "empty list: an axis needs at least one value")
+        if len({repr(v) for v in values}) != len(values):
+            problems.add(("matrix", axis), f"duplicate values {values}")
+        for i, value in enumerate(values):
+            try:
+                RunSettings.model_validate(apply_setting(exp.defaults, axis, value))
+            except ValidationError as e:
+                for err in e.errors():
+                    msg = err["msg"].removeprefix("Value error, ")
+                    problems.add(("matrix", axis, i), f"{value!r}: {msg}")
+            except (TypeError, ValueError) as e:
+                problems.add(("matrix", axis, i), f"{value!r}: {e}")
+    for kind in ("include", "exclude"):
+        for i, entry in enumerate(getattr(exp, kind)):
+            for key in entry:
+                if split_axis(key)[0] not in SETTING_NAMES:
+                    problems.add((kind, i, key), f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+        if kind == "include":
+            for i, entry in enumerate(exp.include):
+                cell = dict(exp.defaults)
+                try:
+                    for key, value in entry.items():
+                        cell = apply_setting(cell, key, value)
+                    RunSettings.model_validate(cell)
+                except ValidationError as e:
+                    problems.add_validation(("include", i), e)
+                except (TypeError, ValueError) as e:
+                    problems.add(("include", i), str(e))

@@ -1,0 +1,125 @@
+"""Model families: how an encoder's features become a latent, and what the trainer corrupts.
+
+Every family is encoder (B, C, H, W) -> (B, F) -> linear head(s) -> (B, K) -> decoder -> (B, C, H, W)
+logits. The trainer is expected to call `model(model.corrupt(x))` and score the logits against the
+clean `x`; `forward` itself never corrupts.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vaebench.models.common import Shape
+
+
+@dataclass
+class Posterior:
+    mean: Tensor  # (B, K)
+    logvar: Tensor | None  # (B, K) for stochastic families, None for deterministic ones
+
+
+@dataclass
+class Output:
+    logits: Tensor  # (B, C, H, W) unconstrained; the likelihood applies the sigmoid
+    z: Tensor  # (B, K) the latent actually decoded
+    posterior: Posterior
+
+
+class AutoEncoder(nn.Module):
+    """Base of every family; deterministic (z = mean) unless a subclass says otherwise.
+
+    `noise` is accepted by every family so one call signature builds them all, but only `dae`
+    uses it. `log_sigma` is the scalar learned log std-dev of a Gaussian likelihood, or None.
+    """
+
+    stochastic: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        *,
+        in_shape: Shape,
+        latent_dim: int,
+        noise: float = 0.0,
+        learn_sigma: bool = False,
+    ) -> None:
+        super().__init__()
+        if not noise >= 0:  # also rejects NaN
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.in_shape = tuple(in_shape)
+        self.latent_dim = latent_dim
+        self.noise = float(noise)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.to_mean = nn.Linear(encoder.out_features, latent_dim)
+        # registered either way, so `model.log_sigma` is None (and absent from state_dict) when not learned
+        self.register_parameter("log_sigma", nn.Parameter(torch.zeros(())) if learn_sigma else None)
+
+    def encode(self, x: Tensor) -> Posterior:
+        return Posterior(self.to_mean(self.encoder(x)), None)  # x (B, C, H, W) in [0, 1] -> (B, K)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)  # (B, K) -> (B, C, H, W) logits
+
+    def latent(self, posterior: Posterior) -> Tensor:
+        """The z that forward decodes: the posterior mean for deterministic families."""
+        return posterior.mean
+
+    def forward(self, x: Tensor) -> Output:
+        posterior = self.encode(x)
+        z = self.latent(posterior)
+        return Output(self.decode(z), z, posterior)
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        """Training-time input corruption; identity unless the family denoises."""
+        return x
+
+    def sample_prior(self, n: int) -> Tensor:
+        """z ~ N(0, I), (n, K), on the model's device and dtype."""
+        w = self.to_mean.weight
+        return torch.randn(n, self.latent_dim, device=w.device, dtype=w.dtype)
+
+
+class AE(AutoEncoder):
+    """Deterministic autoencoder."""
+
+
+class VAE(AutoEncoder):
+    """Gaussian posterior N(mean, exp(logvar)), standard normal prior, reparameterised sampling.
+
+    forward always samples, in train and eval mode alike; use `encode(x).mean` for a deterministic code.
+    """
+
+    stochastic: ClassVar[bool] = True
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, **kwargs) -> None:
+        super().__init__(encoder, decoder, **kwargs)
+        self.to_logvar = nn.Linear(encoder.out_features, self.latent_dim)
+
+    def encode(self, x: Tensor) -> Posterior:
+        h = self.encoder(x)  # (B, F)
+        return Posterior(self.to_mean(h), self.to_logvar(h))
+
+    def latent(self, posterior: Posterior) -> Tensor:
+        eps = torch.randn_like(posterior.mean)
+        return posterior.mean + torch.exp(0.5 * posterior.logvar) * eps
+
+
+class DAE(AutoEncoder):
+    """Denoising autoencoder: deterministic like AE, trained on inputs with clipped Gaussian noise."""
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        return torch.clamp(x + self.noise * torch.randn_like(x), 0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"noise={self.noise}"
+
+
+FAMILIES: dict[str, type[AutoEncoder]] = {
+    "ae": AE,
+    "vae": VAE,
+    "dae": DAE,
+}

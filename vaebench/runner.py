@@ -1,0 +1,230 @@
+"""Executes the RunSpecs of an experiment: skip what is finished, resume what was interrupted,
+train and evaluate the rest, and summarise. A failed cell never stops the others.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from vaebench import tracking
+from vaebench.config import Experiment
+from vaebench.matrix import RunSpec, expand, flatten
+
+Printer = Callable[[str], None]
+
+
+class SelectionError(ValueError):
+    """A bad `--only` filter (unknown setting, or no cell matches)."""
+
+
+@dataclass
+class CellResult:
+    spec: RunSpec
+    status: str  # trained | resumed | skipped | failed
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    results: list[CellResult]
+    parent_run_id: str | None = None
+
+    def of(self, *statuses: str) -> list[CellResult]:
+        return [r for r in self.results if r.status in statuses]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.of("failed") else 0
+
+    def lines(self) -> list[str]:
+        out = [f"{len(self.of('trained', 'resumed'))} trained ({len(self.of('resumed'))} resumed), "
+               f"{len(self.of('skipped'))} skipped (already finished), {len(self.of('failed'))} failed"]
+        out += [f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}" for r in self.of("failed")]
+        return out
+
+
+# --- selecting cells ---------------------------------------------------------------------------
+
+
+def parse_only(items: list[str]) -> dict[str, list[Any]]:
+    """`--only arch=conv --only beta=4 --only beta=1` -> {arch: [conv], beta: [4, 1]}: the same key
+    twice means either value, different keys must all match."""
+    from vaebench.config import SETTING_NAMES
+
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SelectionError(f"--only {item!r}: expected SETTING=VALUE, e.g. --only arch=conv")
+        if key.split(".")[0] not in SETTING_NAMES:
+            raise SelectionError(f"--only {item!r}: unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+        out.setdefault(key, []).append(yaml.safe_load(value))
+    return out
+
+
+def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:
+    if not only:
+        return specs
+    chosen = [s for s in specs if all(any(_equal(_value(s, k), v) for v in vs) for k, vs in only.items())]
+    if not chosen:
+        raise SelectionError(f"no cell of the matrix matches --only {only}")
+    return chosen
+
+
+def _value(spec: RunSpec, key: str) -> Any:
+    dumped = spec.settings.model_dump(mode="json")
+    return flatten(dumped).get(key, dumped.get(key))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b or str(a) == str(b)
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None, force: bool = False,
+                   progress: bool = True, echo: Printer = print) -> Summary:
+    from tqdm.auto import tqdm
+
+    specs = select(expand(exp), only or {})
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    existing = tracking.runs_by_key(tracker)
+    parent_id = tracking.start_run(tracker, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
+        tracking.TAG_KIND: "parent", "vaebench.file": str(exp.path), "vaebench.cells": len(specs),
+        "vaebench.axes": ",".join(exp.matrix), **tracking.machine_tags()})
+    echo(f"experiment {exp.name!r}: {len(specs)} cells; tracking at {tracker.uri}")
+    results: list[CellResult] = []
+    status = "FINISHED"
+    try:
+        for i, spec in enumerate(tqdm(specs, desc="cells", unit="run", disable=not progress)):
+            prefix = f"[{i + 1}/{len(specs)}] {spec.name}"
+            previous = existing.get(spec.key, [])
+            finished = next((r for r in previous if r.info.status == "FINISHED"), None)
+            if finished is not None and not force:
+                results.append(CellResult(spec, "skipped", finished.info.run_id))
+                echo(f"{prefix}: skipped, finished as run {finished.info.run_id}")
+                continue
+            unfinished = None if force else next((r for r in previous if r.info.status != "FINISHED"), None)
+            result = run_cell(exp, spec, tracker, parent_id, resume_run_id=unfinished.info.run_id
+                              if unfinished else None, progress=progress)
+            results.append(result)
+            echo(f"{prefix}: {result.status} in {result.seconds:.1f}s" +
+                 (f" - {result.error}" if result.error else _headline(result.metrics)))
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        summary = Summary(results, parent_id)
+        tracking.log_metrics(tracker, parent_id, {
+            "cells/trained": len(summary.of("trained", "resumed")),
+            "cells/skipped": len(summary.of("skipped")), "cells/failed": len(summary.of("failed"))})
+        tracking.finish(tracker, parent_id, status)
+    return summary
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    keys = [k for k in ("test/elbo", "test/nll_iw", "test/recon_mse") if k in metrics]
+    return (" - " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)) if keys else ""
+
+
+def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_id: str | None, *,
+             resume_run_id: str | None = None, progress: bool = True) -> CellResult:
+    """Train and evaluate one cell in its own MLflow run (continuing `resume_run_id` from its last
+    checkpoint when given). Errors are recorded on the run and returned, never raised, except a
+    KeyboardInterrupt, which marks the run KILLED (resumable) and propagates."""
+    t0 = time.perf_counter()
+    run_id = resume_run_id
+    resume = None
+    try:
+        if run_id is not None:
+            resume = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH)
+            if resume is None:  # interrupted before its first checkpoint: nothing to continue
+                tracking.finish(tracker, run_id, "FAILED")
+                run_id = None
+        if run_id is None:
+            run_id = tracking.start_run(tracker, spec.name, {
+                tracking.TAG_KIND: "cell", tracking.TAG_RUN_KEY: spec.key,
+                **{axis: _tag_value(v) for axis, v in spec.axes.items()}}, parent_id)
+        else:
+            tracker.client.update_run(run_id, status="RUNNING")
+            tracking.set_tags(tracker, run_id, {"vaebench.resumed_from_epoch": resume["epoch"]})
+        metrics = _train_and_log(exp, spec, tracker, run_id, resume, progress)
+        tracking.finish(tracker, run_id, "FINISHED")
+        return CellResult(spec, "resumed" if resume else "trained", run_id, time.perf_counter() - t0, metrics=metrics)
+    except KeyboardInterrupt:
+        if run_id is not None:
+            tracking.finish(tracker, run_id, "KILLED")
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad cell must not stop the sweep
+        message = f"{type(e).__name__}: {e}"
+        if run_id is not None:
+            tracking.set_tags(tracker, run_id, {tracking.TAG_ERROR: message,
+                                                "vaebench.traceback": traceback.format_exc()[-4000:]})
+            tracking.finish(tracker, run_id, "FAILED")
+        return CellResult(spec, "failed", run_id, time.perf_counter() - t0, error=message)
+
+
+def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, run_id: str,
+                   resume: dict | None, progress: bool) -> dict[str, float]:
+    from vaebench.batches import to_device
+    from vaebench.data import load_dataset
+    from vaebench.evaluate import evaluate
+    from vaebench.losses import effective_beta
+    from vaebench.train import train
+
+    s = spec.settings
+    data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+    test = None  # built after training, on the training device
+    if resume is None:
+        tracking.log_params(tracker, run_id, spec.params())
+        tracking.set_tags(tracker, run_id, {tracking.TAG_SOURCE: data.source})
+        tracking.log_json(tracker, run_id, "config/cell.json", {
+            "name": spec.name, "run_key": spec.key, "axes": spec.axes,
+            "settings": s.model_dump(mode="json"), "experiment": exp.name, "file": str(exp.path)})
+    already = tracking.logged_steps(tracker, run_id, "train/loss") if resume else set()
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], checkpoint: dict) -> None:
+        # Checkpoint first, then metrics: a crash in between re-logs nothing twice on resume,
+        # since the epoch's metrics are also kept in the checkpoint's history.
+        tracking.log_torch(tracker, run_id, tracking.CHECKPOINT_PATH, checkpoint)
+        tracking.log_metrics(tracker, run_id, metrics, step=epoch)
+
+    if resume:  # the epoch whose checkpoint landed but whose metrics did not
+        for epoch, metrics in enumerate(resume["history"]):
+            if epoch not in already:
+                tracking.log_metrics(tracker, run_id, metrics, step=epoch)
+
+    result = train(s, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
+    test = to_device(data.test, result.device, image_size=s.image_size, binarization=s.binarization)
+    c, h, w = test.shape
+    evaluation = evaluate(result.model, test, s, exp.evaluate)
+    final = {f"test/{k}": v for k, v in evaluation.metrics.items()}
+    final.update({"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
+                  "train/best_epoch": result.best_epoch,
+                  "effective_beta": effective_beta(s.beta, s.reduction, c * h * w)})
+    tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
+    tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device)}
+    if evaluation.not_applicable:
+        tags[tracking.TAG_NOT_APPLICABLE] = ",".join(f"test/{k}" for k in evaluation.not_applicable)
+    tracking.set_tags(tracker, run_id, tags)
+    if evaluation.kl_per_dim:
+        tracking.log_json(tracker, run_id, "eval/kl_per_dim.json", evaluation.kl_per_dim)
+    tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "settings": s.model_dump(mode="json"), "in_shape": [c, h, w]})
+    return final
+
+
+def _tag_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (dict, list)) else str(v)
