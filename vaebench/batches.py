@@ -13,6 +13,7 @@ binarization:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class DeviceSplit:
             x = torch.bernoulli(x, generator=generator)
         return x
 
-    def iter_batches(self, batch_size: int) -> "list[tuple[Tensor, Tensor]]":
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Sequential (x, y) batches over the whole split (evaluation order)."""
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)

@@ -116,29 +116,39 @@ class RunSettings(_Strict):
             raise ValueError(f"{v!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
         return v
 
+    @field_validator("arch_options")
+    @classmethod
+    def _arch_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # Every block given is validated (a typo in an unused block is still a typo).
+        from vaebench.models import ARCHS
+
+        return {a: _validate_block(ARCHS, a, o, "architecture", lambda x: x.options) for a, o in v.items()}
+
+    @field_validator("dataset_options")
+    @classmethod
+    def _dataset_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from vaebench.data import DATASET_OPTIONS
+
+        return {d: _validate_block(DATASET_OPTIONS, d, o, "dataset", lambda x: x) for d, o in v.items()}
+
     @model_validator(mode="after")
-    def _resolve_options(self) -> RunSettings:
-        # Validate every options block given (a typo in an unused block is still a typo), then keep
-        # only the block of the chosen arch/dataset, filled with its defaults: that is what the run
-        # uses and what its run key must depend on.
+    def _keep_chosen_options(self) -> RunSettings:
+        # Keep only the block of the chosen arch/dataset, filled with its defaults: that is what
+        # the run uses and what its run key must depend on.
         from vaebench.data import DATASET_OPTIONS
         from vaebench.models import ARCHS
 
-        arch_opts = {a: _validate_block(ARCHS, a, o, "architecture", lambda x: x.options)
-                     for a, o in self.arch_options.items()}
-        data_opts = {d: _validate_block(DATASET_OPTIONS, d, o, "dataset", lambda x: x)
-                     for d, o in self.dataset_options.items()}
-        object.__setattr__(self, "arch_options",
-                           {self.arch: arch_opts.get(self.arch) or ARCHS[self.arch].options().model_dump()})
-        if self.dataset in data_opts:
-            chosen = data_opts[self.dataset]
-        else:
+        arch = self.arch_options.get(self.arch) or ARCHS[self.arch].options().model_dump()
+        object.__setattr__(self, "arch_options", {self.arch: arch})
+        if self.dataset not in self.dataset_options:
             try:
                 chosen = DATASET_OPTIONS[self.dataset]().model_dump()
             except ValidationError as e:  # required options (image_folder needs a path)
                 raise ValueError(f"dataset {self.dataset!r} needs dataset_options.{self.dataset}: "
                                  f"{_first_message(e)}") from None
-        object.__setattr__(self, "dataset_options", {self.dataset: chosen})
+            object.__setattr__(self, "dataset_options", {self.dataset: chosen})
+        else:
+            object.__setattr__(self, "dataset_options", {self.dataset: self.dataset_options[self.dataset]})
         return self
 
     @property
@@ -159,14 +169,24 @@ def _one_of(value: str, registry: dict, what: str) -> str:
 def _validate_block(registry: dict, name: str, options: dict, what: str, schema_of) -> dict:
     if name not in registry:
         raise ValueError(f"options for unknown {what} {name!r}; allowed: {', '.join(sorted(registry))}")
+    schema = schema_of(registry[name])
     try:
-        return schema_of(registry[name]).model_validate(options).model_dump()
+        return schema.model_validate(options).model_dump()
     except ValidationError as e:
-        raise ValueError(f"{name}: {_first_message(e)}") from None
+        raise ValueError(f"{name}.{_first_message(e, schema)}") from None
 
 
-def _first_message(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+def _first_message(e: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(map(str, err["loc"])) or "value"
+        if err["type"] == "extra_forbidden" and schema is not None:
+            parts.append(f"{loc}: unknown option; allowed: {', '.join(schema.model_fields) or 'none'}")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: required")
+        else:
+            parts.append(f"{loc}: {err['input']!r}: {err['msg']}")
+    return "; ".join(parts)
 
 
 SETTING_NAMES = tuple(RunSettings.model_fields)

@@ -147,8 +147,8 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
         state["history"].append(metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3g}", val=f"{metrics['val/loss']:.3g}")
         if on_epoch_end is not None:
-            checkpoint = {**copy.copy(state), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "rng": _get_rng(shuffle_gen, noise_gen)}
+            checkpoint = {**copy.deepcopy(state), "model": _cpu_copy(model.state_dict()),
+                          "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": _get_rng(shuffle_gen, noise_gen)}
             on_epoch_end(epoch, metrics, checkpoint)
     bar.close()
 

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo` (set up + run experiments.yaml), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast ls ui report clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed          ## install vaebench and its test extras into .venv
+
+demo: setup                       ## the main job: train, evaluate and log every cell of experiments.yaml
+	$(BIN)/vaebench run experiments.yaml
+
+test: setup                       ## the whole suite, slow tests included (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: setup                  ## everything but the `slow` tests
+	$(BIN)/python -m pytest -m "not slow"
+
+ls: setup
+	$(BIN)/vaebench ls experiments.yaml
+
+ui: setup                         ## MLflow UI on http://127.0.0.1:5000
+	$(BIN)/vaebench ui experiments.yaml
+
+clean:                            ## remove the demo's results (keeps .venv)
+	rm -rf mlruns.db mlartifacts reports/*.html reports/*.csv

@@ -1,0 +1,78 @@
+"""The CLI in process (`main([...])`) and one subprocess smoke run of the console script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vaebench.cli import main
+
+
+def test_help_is_instant_and_lists_commands(capsys: pytest.CaptureFixture) -> None:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import sys, vaebench.cli; "
+                          "print('torch' in sys.modules, 'mlflow' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], "importing the CLI must not import torch or mlflow"
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(cmd in text for cmd in ("run", "ls", "ui"))
+    assert time.perf_counter() - t0 < 60  # sanity only; speed is measured in benchmarks/
+
+
+def test_ls_prints_the_matrix_without_training(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ls", str(tiny_file)]) == 0
+    out = capsys.readouterr().out
+    assert "ae-mlp-z2-b1-sum-digits-s0" in out and "vae-mlp-z2-b1-sum-digits-s0" in out
+    assert "2 cells in 'tiny'" in out
+    assert not (tiny_file.parent / "mlruns.db").exists()
+
+
+def test_ls_only_filters(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ls", str(tiny_file), "--only", "model=vae"]) == 0
+    out = capsys.readouterr().out
+    assert "vae-mlp" in out and "ae-mlp-z2" not in out.replace("vae-mlp-z2", "")
+
+
+@pytest.mark.parametrize("only,message", [("colour=red", "unknown setting 'colour'"),
+                                          ("model=gan", "no cell of the matrix matches"),
+                                          ("model", "expected SETTING=VALUE")])
+def test_bad_only_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture, only: str, message: str) -> None:
+    assert main(["run", str(tiny_file), "--only", only]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tiny_file.parent / "mlruns.db").exists()
+
+
+def test_invalid_file_exits_2_and_logs_nothing(write_yaml, capsys: pytest.CaptureFixture) -> None:
+    path = write_yaml("name: x\nmatrix:\n  model: [vea]\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3: matrix.model[0]: 'vea'" in err and "allowed: ae, dae, vae" in err
+    assert "Traceback" not in err
+    assert not (path.parent / "mlruns.db").exists()
+
+
+def test_run_in_process_then_skip(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(tiny_file), "--no-progress"]) == 0
+    assert "2 trained" in capsys.readouterr().out
+    assert main(["run", str(tiny_file), "--no-progress", "--only", "model=vae"]) == 0
+    assert "0 trained (0 resumed), 1 skipped" in capsys.readouterr().out
+
+
+def test_console_script_smoke_run(tiny_file: Path) -> None:
+    exe = shutil.which("vaebench", path=os.path.dirname(sys.executable)) or shutil.which("vaebench")
+    assert exe, "the vaebench console script is installed with the package"
+    proc = subprocess.run([exe, "run", str(tiny_file), "--no-progress"], cwd=tiny_file.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trained (0 resumed), 0 skipped (already finished), 0 failed" in proc.stdout
+    assert (tiny_file.parent / "mlruns.db").exists()
+    module = subprocess.run([sys.executable, "-m", "vaebench", "ls", str(tiny_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert module.returncode == 0 and "2 cells" in module.stdout

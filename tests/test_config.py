@@ -1,0 +1,145 @@
+"""Schema errors: one test per kind of bad input. Each names the file, the key path (and line),
+the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaebench.config import ConfigError, load_experiment
+
+GOOD = """
+name: good
+defaults: {dataset: digits, epochs: 1}
+matrix:
+  model: [ae, vae]
+"""
+
+
+def errors_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    text = str(info.value)
+    assert str(path) in text
+    return text
+
+
+def test_good_file_loads(write_yaml) -> None:
+    exp = load_experiment(write_yaml(GOOD))
+    assert exp.name == "good" and exp.matrix == {"model": ["ae", "vae"]}
+    assert exp.resolved_tracking_uri() == "sqlite:///" + str(exp.base_dir / "mlruns.db")
+
+
+def test_unknown_top_level_key(write_yaml) -> None:
+    text = errors_of(write_yaml(GOOD + "epochz: 3\n"))
+    assert "epochz" in text and "unknown key" in text and "allowed:" in text and "matrix" in text
+
+
+def test_unknown_setting_in_defaults_names_line(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\ndefaults:\n  dataset: digits\n  lr_rate: 0.1\nmatrix: {model: [vae]}\n"))
+    assert ":4: defaults.lr_rate: unknown key 'lr_rate'" in text
+    assert "latent_dim" in text  # lists what is allowed
+
+
+def test_wrong_type(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\ndefaults: {epochs: many}\nmatrix: {model: [vae]}\n"))
+    assert "defaults.epochs" in text and "'many'" in text and "integer" in text
+
+
+def test_out_of_range_matrix_value_points_at_the_value(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  beta:\n    - 1.0\n    - -2.0\n"))
+    assert ":5: matrix.beta[1]: -2.0" in text and "greater than or equal to 0" in text
+
+
+@pytest.mark.parametrize("axis,value,allowed", [
+    ("dataset", "mnistt", "digits"), ("model", "gan", "vae"), ("arch", "resnet", "deep_conv"),
+    ("reduction", "median", "'sum' or 'mean'"), ("device", "tpu", "cuda:N"),
+])
+def test_unknown_names(write_yaml, axis: str, value: str, allowed: str) -> None:
+    text = errors_of(write_yaml(f"name: x\nmatrix:\n  {axis}: [{value}]\n"))
+    assert f"matrix.{axis}[0]" in text and value in text and allowed in text
+
+
+def test_unknown_arch_option(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\ndefaults:\n  arch_options:\n    mlp: {hiden: [3]}\nmatrix: {model: [vae]}\n"))
+    assert "defaults.arch_options" in text and "hiden" in text
+
+
+def test_options_for_unknown_arch(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\ndefaults:\n  arch_options:\n    transformer: {}\nmatrix: {model: [vae]}\n"))
+    assert "transformer" in text and "allowed: conv, deep_conv, mlp" in text
+
+
+def test_empty_matrix(write_yaml) -> None:
+    assert "the matrix is empty" in errors_of(write_yaml("name: x\nmatrix: {}\n"))
+
+
+def test_empty_axis(write_yaml) -> None:
+    assert "matrix.beta: empty list" in errors_of(write_yaml("name: x\nmatrix:\n  beta: []\n"))
+
+
+def test_duplicate_axis_in_yaml(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  beta: [1]\n  model: [vae]\n  beta: [2]\n"))
+    assert ":5: invalid YAML: duplicate key 'beta' (first at line 3)" in text
+
+
+def test_seed_axis_duplicates_seeds(write_yaml) -> None:
+    assert "duplicate axis" in errors_of(write_yaml("name: x\nseeds: [0, 1]\nmatrix:\n  seed: [1, 2]\n"))
+
+
+def test_overlapping_dotted_axis(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  kl_anneal: [{schedule: none}]\n  kl_anneal.epochs: [1]\n"))
+    assert "duplicate axis" in text and "kl_anneal.epochs" in text
+
+
+def test_unknown_axis(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  learning_rate: [0.1]\n"))
+    assert "matrix.learning_rate: unknown setting 'learning_rate'" in text and "lr" in text
+
+
+def test_everything_excluded(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\nexclude:\n  - {model: vae}\n"))
+    assert "expands to no runs" in text
+
+
+def test_exclude_unknown_setting(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\nexclude:\n  - {modle: vae}\n"))
+    assert "exclude[0].modle: unknown setting" in text
+
+
+def test_bad_include_entry(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: dae, noise: -1}\n"))
+    assert "include[0].noise" in text and "-1" in text
+
+
+def test_invalid_yaml_syntax(write_yaml) -> None:
+    assert "invalid YAML" in errors_of(write_yaml("name: x\nmatrix: [\n"))
+
+
+def test_not_a_mapping(write_yaml) -> None:
+    assert "must be a mapping" in errors_of(write_yaml("- a\n- b\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "cannot read the file" in errors_of(tmp_path / "nope.yaml")
+
+
+def test_image_folder_needs_a_path(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix: {dataset: [image_folder]}\n"))
+    assert "dataset_options.image_folder" in text and "path" in text
+
+
+def test_several_problems_reported_together(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  beta: [-1]\n  model: [gan]\n"))
+    assert "matrix.beta[0]" in text and "matrix.model[0]" in text
+
+
+def test_environment_overrides(write_yaml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    exp = load_experiment(write_yaml(GOOD + "tracking_uri: sqlite:///sub/store.db\ndata_dir: d\n"))
+    assert exp.resolved_tracking_uri() == "sqlite:///" + str(tmp_path / "sub" / "store.db")
+    assert exp.resolved_data_dir() == tmp_path / "d"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("VAEBENCH_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert exp.resolved_tracking_uri() == "http://127.0.0.1:5999"
+    assert exp.resolved_data_dir() == tmp_path / "elsewhere"

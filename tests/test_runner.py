@@ -1,0 +1,135 @@
+"""End to end through MLflow: what a sweep logs, skip / force / failure handling, and resume
+after a real interruption. Every test uses its own SQLite store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from vaebench import tracking
+from vaebench.config import load_experiment
+from vaebench.models import build_model
+from vaebench.runner import run_experiment
+
+
+def child_runs(exp_path: Path, name: str = "tiny"):
+    exp = load_experiment(exp_path)
+    mlflow.set_tracking_uri(exp.resolved_tracking_uri())
+    df = mlflow.search_runs(experiment_names=[name])
+    return df[df["tags.vaebench.kind"] == "cell"], df[df["tags.vaebench.kind"] == "parent"]
+
+
+def test_sweep_logs_params_tags_metrics_and_artifacts(tiny_file: Path) -> None:
+    summary = run_experiment(load_experiment(tiny_file), progress=False, echo=lambda s: None)
+    assert summary.exit_code == 0 and len(summary.of("trained")) == 2
+    cells, parents = child_runs(tiny_file)
+    assert len(cells) == 2 and len(parents) == 1
+    parent_id = parents["run_id"].iloc[0]
+    assert set(cells["tags.mlflow.parentRunId"]) == {parent_id}
+    assert set(cells["tags.mlflow.runName"]) == {"ae-mlp-z2-b1-sum-digits-s0", "vae-mlp-z2-b1-sum-digits-s0"}
+    assert set(cells["status"]) == {"FINISHED"}
+    # axis values as tags, every setting as a param
+    assert set(cells["tags.model"]) == {"ae", "vae"} and set(cells["tags.latent_dim"]) == {"2"}
+    assert set(cells["params.lr"]) == {"0.001"} and set(cells["params.arch_options.mlp.hidden"]) == {"[32]"}
+    assert cells["tags.vaebench.run_key"].str.len().eq(12).all()
+    assert set(cells["tags.vaebench.dataset_source"]) == {"sklearn.datasets.load_digits"}
+    vae = cells[cells["tags.model"] == "vae"].iloc[0]
+    ae = cells[cells["tags.model"] == "ae"].iloc[0]
+    assert vae["metrics.test/elbo"] < 0 and vae["metrics.test/nll_iw"] <= -vae["metrics.test/elbo"] + 1e-6
+    assert vae["metrics.effective_beta"] == 1.0 and vae["metrics.test/recon_mse"] > 0
+    # deterministic models: ELBO-type metrics absent (not applicable), never zero
+    assert ae["metrics.test/recon_mse"] > 0 and ae.isna()["metrics.test/elbo"]
+    assert "test/elbo" in ae["tags.vaebench.not_applicable"]
+
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(vae["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert len(client.get_metric_history(vae["run_id"], "val/loss")) == 2
+    # the final checkpoint loads with weights_only=True and rebuilds the model
+    tracker = tracking.connect(mlflow.get_tracking_uri(), "tiny")
+    saved = tracking.load_torch(tracker, vae["run_id"], tracking.MODEL_PATH)
+    model = build_model("vae", "mlp", in_shape=tuple(saved["in_shape"]), latent_dim=2,
+                        arch_options=saved["settings"]["arch_options"]["mlp"])
+    model.load_state_dict(saved["state_dict"])
+    artifacts = {a.path for a in client.list_artifacts(vae["run_id"])}
+    assert {"config", "model", "checkpoints"} <= artifacts
+
+
+def test_rerun_skips_finished_and_force_retrains(tiny_file: Path) -> None:
+    exp = load_experiment(tiny_file)
+    run_experiment(exp, progress=False, echo=lambda s: None)
+    lines: list[str] = []
+    again = run_experiment(exp, progress=False, echo=lines.append)
+    assert len(again.of("skipped")) == 2 and not again.of("trained")
+    assert sum("skipped" in line for line in lines) == 2
+    cells, parents = child_runs(tiny_file)
+    assert len(cells) == 2 and len(parents) == 2
+    forced = run_experiment(exp, force=True, only={"model": ["vae"]}, progress=False, echo=lambda s: None)
+    assert len(forced.of("trained")) == 1
+    cells, _ = child_runs(tiny_file)
+    assert len(cells) == 3
+
+
+def test_a_failed_cell_does_not_stop_the_others(write_yaml, tmp_path: Path) -> None:
+    path = write_yaml(f"""
+    name: tiny
+    data_dir: {tmp_path / 'empty'}
+    defaults: {{epochs: 1, max_train_samples: 128, arch_options: {{mlp: {{hidden: [16]}}}}}}
+    evaluate: {{iw_samples: 4, clustering: false, figures: false}}
+    matrix:
+      dataset: [mnist, digits]
+    """)
+    summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
+    assert summary.exit_code == 1
+    assert [r.spec.settings.dataset for r in summary.of("failed")] == ["mnist"]
+    assert [r.spec.settings.dataset for r in summary.of("trained")] == ["digits"]
+    assert "DatasetUnavailable" in summary.of("failed")[0].error
+    assert str(tmp_path / "empty") in summary.of("failed")[0].error
+    assert any("FAILED" in line for line in summary.lines())
+
+
+RESUMABLE = """
+name: tiny
+defaults: {dataset: digits, model: vae, epochs: 30, batch_size: 16, max_train_samples: 320, latent_dim: 2,
+           arch_options: {mlp: {hidden: [32]}}}
+evaluate: {iw_samples: 4, clustering: false, figures: false}
+matrix:
+  beta: [1.0]
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(write_yaml, tmp_path: Path) -> None:
+    path = write_yaml(RESUMABLE)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = lambda: list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoints():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the run stays RUNNING
+    proc.wait(timeout=30)
+    assert checkpoints(), "no checkpoint was written before the kill"
+
+    cells, _ = child_runs(path)
+    assert list(cells["status"]) == ["RUNNING"]
+    killed_at = torch.load(checkpoints()[0], weights_only=True)["epoch"]
+    assert 0 <= killed_at < 29
+
+    summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
+    assert len(summary.of("resumed")) == 1
+    cells, _ = child_runs(path)
+    assert len(cells) == 1 and list(cells["status"]) == ["FINISHED"]
+    run_id = cells["run_id"].iloc[0]
+    assert int(cells["tags.vaebench.resumed_from_epoch"].iloc[0]) >= killed_at
+    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(30)), "every epoch logged exactly once"

@@ -1,0 +1,86 @@
+"""The training loop on real (embedded) data: learning, resume equivalence, early stopping."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from vaebench.config import RunSettings
+from vaebench.data import load_dataset
+from vaebench.train import resolve_device, train
+
+
+def settings(**kw) -> RunSettings:
+    base = dict(dataset="digits", model="vae", latent_dim=4, epochs=4, batch_size=64, max_train_samples=512,
+                arch_options={"mlp": {"hidden": [32]}}, device="cpu", lr=3e-3)
+    return RunSettings(**{**base, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def test_training_reduces_the_validation_loss(tmp_path) -> None:
+    data = load_dataset("digits", tmp_path)
+    result = train(settings(epochs=6), data, progress=False)
+    val = [h["val/loss"] for h in result.history]
+    assert len(val) == 6 and val[-1] < val[0]
+    assert set(result.history[0]) >= {"train/loss", "train/recon", "train/kl", "train/kl_weight",
+                                      "train/effective_beta", "val/loss", "val/recon", "val/kl", "val/neg_elbo"}
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path) -> None:
+    data = load_dataset("digits", tmp_path)
+    s = settings(binarization="dynamic", kl_anneal={"schedule": "linear", "epochs": 2})
+    straight = train(s, data, progress=False)
+
+    saved = {}
+
+    def interrupt(epoch: int, metrics: dict, checkpoint: dict) -> None:
+        if epoch == 1:
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            saved["bytes"] = buf.getvalue()
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(s, data, on_epoch_end=interrupt, progress=False)
+    checkpoint = torch.load(io.BytesIO(saved["bytes"]), weights_only=True)
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 2
+    resumed = train(s, data, resume=checkpoint, progress=False)
+    assert resumed.epochs_run == straight.epochs_run == 4
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in straight.history]
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path) -> None:
+    data = load_dataset("digits", tmp_path)
+    # a learning rate this large makes the validation loss worse after the first epochs
+    result = train(settings(epochs=30, lr=0.5, patience=2, model="ae"), data, progress=False)
+    assert result.stopped_early and result.epochs_run < 30
+    val = [h["val/loss"] for h in result.history]
+    assert result.best_epoch == val.index(min(val))
+    assert result.epochs_run == result.best_epoch + 1 + 2
+
+
+@pytest.mark.parametrize("model,arch", [("dae", "conv"), ("vae", "conv"), ("ae", "mlp")])
+def test_families_train_with_every_option(tmp_path, model: str, arch: str) -> None:
+    data = load_dataset("digits", tmp_path)
+    s = settings(model=model, arch=arch, epochs=1, image_size=16, binarization="static", reduction="mean",
+                 likelihood="gaussian", gaussian_sigma="learned", optimizer="adamw", weight_decay=1e-4)
+    result = train(s, data, progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.history[0].values())
+    assert result.model.in_shape == (1, 16, 16)
+    assert result.model.log_sigma is not None
+
+
+def test_device_auto_is_cpu_here_and_cuda_is_checked() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+        assert resolve_device("auto").type in {expected, "mps"}
+    assert resolve_device("cpu") == torch.device("cpu")
