@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from vaebench import data
 from vaebench.data import DATASET_OPTIONS, DATASETS, Dataset, DatasetUnavailable, Split, load_dataset
 
-FULL_MNIST_ROOT = Path("/work/shared/datasets")
+FULL_MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared beside the checkout
 N_TRAIN, N_TEST = 20, 10  # tiny IDX files: 2 train and 1 test image per class
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -1,4 +1,4 @@
-"""`vaebench run / ls / ui`: `main(argv) -> int`, testable in process.
+"""`vaebench run / evaluate / ls / ui`: `main(argv) -> int`, testable in process.
 
 Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (experiments file,
 flags), 130 interrupted (rerun to resume).
@@ -37,6 +37,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     exp = _load(args)
     summary = run_experiment(exp, only=_only(args), force=args.force, progress=not args.no_progress,
                              echo=print)
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaebench.runner import evaluate_experiment
+
+    overrides = {"iw_samples": args.iw_samples} if args.iw_samples else {}
+    summary = evaluate_experiment(_load(args), only=_only(args), overrides=overrides)
     for line in summary.lines():
         print(line)
     return summary.exit_code
@@ -81,7 +91,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "ls": cmd_ls, "ui": cmd_ui}
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "evaluate": cmd_evaluate, "ls": cmd_ls, "ui": cmd_ui}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
     run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
+    ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
     with_file("ls", "print the expanded matrix as a table (nothing is trained)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")
     ui.add_argument("file", nargs="?", help="the experiments file (its tracking store); default ./mlruns.db")

@@ -198,14 +198,15 @@ SETTING_NAMES = tuple(RunSettings.model_fields)
 class EvaluateSettings(_Strict):
     """The fixed evaluation protocol's knobs (same for every run of a file)."""
 
-    iw_samples: int = Field(100, ge=1)
-    iw_chunk: int = Field(50_000, ge=1)
-    max_test_samples: int | None = Field(None, ge=10)
+    iw_samples: int = Field(100, ge=1)            # k of nll_iw (the literature uses 5000)
+    iw_chunk: int = Field(50_000, ge=1)           # at most this many decoded images at once
+    max_test_samples: int | None = Field(None, ge=10)  # evaluate on the first N test images only
+    clustering: bool = True                       # latent clustering scores + the pixel baseline
+    probe_train_samples: int = Field(10_000, ge=10)  # train latents used by the kNN and the probe
     silhouette_samples: int = Field(1000, ge=10)
     knn_neighbors: int = Field(5, ge=1)
     kmeans_restarts: int = Field(10, ge=1)
-    clustering: bool = True
-    figures: bool = True
+    figures: bool = True                          # PNG/GIF figures as run artifacts
 
 
 class Experiment(_Strict):

@@ -5,8 +5,10 @@ Whatever a run was trained with (reduction, beta, annealing), it is evaluated wi
 
   elbo        E_q[log p(x|z)] - KL(q(z|x) || p(z)), nats per image; bpd = -elbo / (D ln 2)
   nll_iw      -log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x)  (Burda et al. 2015); <= -elbo
-  recon_*     from the posterior mean: MSE per pixel, BCE per image
+  recon_*     from the posterior mean: MSE per pixel, BCE per image (dae: also from noisy inputs)
   kl          total, and per latent dim; active_units = #dims with Var_x(E_q[z_d|x]) > 0.01
+  clustering  on posterior means with the labels (vaebench.clustering), and the same scores on
+              raw pixels as the dataset's baseline
 
 Deterministic families (ae, dae) have no ELBO: those metrics are absent (not applicable), never 0.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +29,14 @@ from vaebench.losses import LIKELIHOODS, LOG_2PI, kl_per_dim
 from vaebench.models import AutoEncoder
 from vaebench.train import log_sigma_of
 
-ACTIVE_UNIT_THRESHOLD = 0.01
-STOCHASTIC_ONLY = ("elbo", "bpd", "nll_iw", "kl", "active_units")
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015
+STOCHASTIC_ONLY = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units")
+EVAL_SEED = 0  # the same posterior draws for every run
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]                        # test/* metric name (without prefix) -> value
+    metrics: dict[str, float]                        # metric name (no `test/` prefix) -> value
     kl_per_dim: list[float] = field(default_factory=list)
     not_applicable: tuple[str, ...] = ()
 
@@ -43,57 +47,92 @@ def log_normal_std(z: Tensor) -> Tensor:
 
 
 def log_normal_diag(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mean, diag(exp(logvar))) summed over the last dim."""
     return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
-@torch.inference_mode()
-def iw_nll(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: int = 50_000,
-           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Importance-weighted -log p(x) per image, (B,), with k posterior samples, drawn in chunks
-    of at most `chunk` decoded images so memory stays bounded for any k and batch size.
+def importance_weighted(log_px: Callable[[Tensor], Tensor], mean: Tensor, logvar: Tensor, k: int,
+                        per_chunk: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The IWAE estimate of log p(x) with k samples from q = N(mean, exp(logvar)), (B,), drawn
+    `per_chunk` at a time; `log_px(z)` maps z (n, B, K) to log p(x|z) (n, B).
 
     Also returns the k-sample Monte Carlo ELBO, mean_i log w_i, (B,): from the same samples, so
-    that nll_iw <= -elbo holds exactly (Jensen), not just in expectation."""
-    post = model.encode(x)
-    mean, logvar = post.mean, post.logvar  # (B, K)
-    b = x.shape[0]
-    per_chunk = max(1, chunk // b)
-    log_sigma = log_sigma_of(model, settings, x)
-    running = None  # (B,) logsumexp of the log-weights seen so far
-    total = torch.zeros(b, device=x.device, dtype=x.dtype)  # (B,) sum of the log-weights
+    that nll_iw <= -elbo holds exactly (Jensen), not only in expectation."""
+    running = None  # (B,) logsumexp of the log-weights so far
+    total = mean.new_zeros(mean.shape[0])  # (B,) sum of the log-weights
+    std = torch.exp(0.5 * logvar)
     for start in range(0, k, per_chunk):
         n = min(per_chunk, k - start)
-        eps = torch.randn((n, *mean.shape), device=x.device, dtype=x.dtype, generator=generator)
-        z = mean + torch.exp(0.5 * logvar) * eps  # (n, B, K)
+        eps = torch.randn((n, *mean.shape), device=mean.device, dtype=mean.dtype, generator=generator)
+        z = mean + std * eps  # (n, B, K)
+        log_w = log_px(z) + log_normal_std(z) - log_normal_diag(z, mean, logvar)  # (n, B)
+        lse = torch.logsumexp(log_w, dim=0)
+        running = lse if running is None else torch.logaddexp(running, lse)
+        total += log_w.sum(0)
+    return running - math.log(k), total / k
+
+
+def iw_nll(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: int = 50_000,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """-log p(x) (IWAE, k samples) and the k-sample ELBO per image, (B,) each. At most `chunk`
+    images are decoded at once, so memory stays bounded for any k and batch size."""
+    post = model.encode(x)
+    b = x.shape[0]
+    log_sigma = log_sigma_of(model, settings, x)
+    nll_fn = LIKELIHOODS[settings.likelihood]
+
+    def log_px(z: Tensor) -> Tensor:
+        n = z.shape[0]
         logits = model.decode(z.reshape(n * b, -1))  # (n*B, C, H, W)
         target = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-        log_px = -LIKELIHOODS[settings.likelihood](logits, target, log_sigma).flatten(1).sum(1).view(n, b)
-        log_w = log_px + log_normal_std(z) - log_normal_diag(z, mean, logvar)  # (n, B)
-        chunk_lse = torch.logsumexp(log_w, dim=0)
-        running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
-        total += log_w.sum(0)
-    return -(running - math.log(k)), total / k
+        return -nll_fn(logits, target, log_sigma).flatten(1).sum(1).view(n, b)
+
+    log_p, elbo = importance_weighted(log_px, post.mean, post.logvar, k, max(1, chunk // b), generator)
+    return -log_p, elbo
 
 
 @torch.inference_mode()
-def evaluate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
-             protocol: EvaluateSettings | None = None, batch_size: int = 500) -> Evaluation:
+def encode_means(model: AutoEncoder, split: DeviceSplit, batch_size: int = 1000,
+                 limit: int | None = None) -> Tensor:
+    """Posterior means (N, K) of (the first `limit` images of) a split."""
+    model.eval()
+    out, seen = [], 0
+    for x, _ in split.iter_batches(batch_size):
+        out.append(model.encode(x).mean.float())
+        seen += x.shape[0]
+        if limit is not None and seen >= limit:
+            break
+    z = torch.cat(out)
+    return z[:limit] if limit is not None else z
+
+
+@torch.inference_mode()
+def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
+             protocol: EvaluateSettings | None = None, *, train: DeviceSplit | None = None,
+             num_classes: int | None = None, batch_size: int = 500) -> Evaluation:
+    """The whole protocol on `test`; clustering scores also need `train` (for the kNN and probe
+    fits) and `num_classes`."""
     protocol = protocol or EvaluateSettings()
     model.eval()
-    device = split.x.device
-    gen = torch.Generator(device=device).manual_seed(0)  # the same draws for every run
-    n = 0
-    sums: dict[str, float] = {"recon_mse": 0.0, "recon_bce": 0.0, "elbo": 0.0, "nll_iw": 0.0}
-    kl_dims = None
-    means = []
-    c, h, w = split.shape
+    device = test.x.device
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    c, h, w = test.shape
     num_pixels = c * h * w
-    for x, _ in split.iter_batches(batch_size):
+    sums = {"recon_mse": 0.0, "recon_bce": 0.0, "elbo": 0.0, "nll_iw": 0.0,
+            "noisy_recon_mse": 0.0, "noisy_recon_bce": 0.0}
+    kl_dims, means, n = None, [], 0
+    limit = protocol.max_test_samples
+    for x, _ in test.iter_batches(batch_size):
+        if limit is not None and n >= limit:
+            break
+        if limit is not None:
+            x = x[:limit - n]
         post = model.encode(x)
-        logits = model.decode(post.mean)
-        sums["recon_mse"] += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item() / num_pixels
-        sums["recon_bce"] += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
+        _recon_sums(sums, "", model.decode(post.mean), x, num_pixels)
         means.append(post.mean.float())
+        if settings.model == "dae":  # how well it denoises: reconstruct the clean x from noisy input
+            noisy = torch.clamp(x + model.noise * torch.randn(x.shape, device=device, generator=gen), 0.0, 1.0)
+            _recon_sums(sums, "noisy_", model.decode(model.encode(noisy).mean), x, num_pixels)
         if model.stochastic:
             kl = kl_per_dim(post.mean, post.logvar)  # (B, K)
             kl_dims = kl.sum(0) if kl_dims is None else kl_dims + kl.sum(0)
@@ -101,11 +140,23 @@ def evaluate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
             sums["nll_iw"] += nll.sum().item()
             sums["elbo"] += elbo.sum().item()
         n += x.shape[0]
+
     metrics = {"recon_mse": sums["recon_mse"] / n, "recon_bce": sums["recon_bce"] / n}
+    if settings.model == "dae":
+        metrics.update(noisy_recon_mse=sums["noisy_recon_mse"] / n, noisy_recon_bce=sums["noisy_recon_bce"] / n)
+    mu = torch.cat(means)  # (N, K)
+    if protocol.clustering and train is not None and num_classes:
+        from vaebench.clustering import cluster_scores
+
+        train_mu = encode_means(model, train, limit=protocol.probe_train_samples)
+        metrics.update(cluster_scores(
+            train_mu.cpu().numpy(), train.y[:len(train_mu)].cpu().numpy(), mu.cpu().numpy(),
+            test.y[:len(mu)].cpu().numpy(), n_classes=num_classes, seed=EVAL_SEED,
+            kmeans_restarts=protocol.kmeans_restarts, silhouette_samples=protocol.silhouette_samples,
+            knn_neighbors=protocol.knn_neighbors))
     if not model.stochastic:
         return Evaluation(metrics=metrics, not_applicable=STOCHASTIC_ONLY)
     per_dim = (kl_dims / n).tolist()
-    mu = torch.cat(means)  # (N, K)
     metrics.update({
         "elbo": sums["elbo"] / n,
         "bpd": -(sums["elbo"] / n) / (num_pixels * math.log(2)),
@@ -115,3 +166,57 @@ def evaluate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
         "active_units": float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
     })
     return Evaluation(metrics=metrics, kl_per_dim=per_dim)
+
+
+def _recon_sums(sums: dict[str, float], prefix: str, logits: Tensor, x: Tensor, num_pixels: int) -> None:
+    sums[prefix + "recon_mse"] += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item() / num_pixels
+    sums[prefix + "recon_bce"] += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
+
+
+# --- the dataset's raw-pixel baseline ----------------------------------------------------------
+
+_BASELINES: dict[str, dict[str, float]] = {}
+
+
+def pixel_baseline(train: DeviceSplit, test: DeviceSplit, num_classes: int, protocol: EvaluateSettings,
+                   cache_key: str, cache_dir=None) -> dict[str, float]:
+    """The clustering scores on raw pixels: what a latent space should beat. Computed once per
+    dataset, preprocessing and protocol (`cache_key`), then cached in memory and, when
+    `cache_dir` is given, as a JSON file there (shared by reruns and parallel workers)."""
+    import json
+    from pathlib import Path
+
+    from vaebench.clustering import cluster_scores
+
+    if cache_key in _BASELINES:
+        return _BASELINES[cache_key]
+    path = Path(cache_dir) / f"baseline-{cache_key}.json" if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            _BASELINES[cache_key] = json.loads(path.read_text())
+            return _BASELINES[cache_key]
+        except (OSError, ValueError):
+            pass  # a torn file from a crashed writer: recompute
+    limit_train = protocol.probe_train_samples
+    limit_test = protocol.max_test_samples
+
+    def pixels(split: DeviceSplit, limit: int | None):
+        xs = torch.cat([x.flatten(1).cpu() for x, _ in split.iter_batches(2000)])
+        y = split.y.cpu()
+        return (xs[:limit], y[:limit]) if limit else (xs, y)
+
+    tx, ty = pixels(train, limit_train)
+    sx, sy = pixels(test, limit_test)
+    scores = cluster_scores(tx.numpy(), ty.numpy(), sx.numpy(), sy.numpy(), n_classes=num_classes,
+                            seed=EVAL_SEED, kmeans_restarts=protocol.kmeans_restarts,
+                            silhouette_samples=protocol.silhouette_samples, knn_neighbors=protocol.knn_neighbors)
+    _BASELINES[cache_key] = scores
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{id(scores)}.tmp")
+            tmp.write_text(json.dumps(scores))
+            tmp.replace(path)  # atomic: parallel workers never read half a file
+        except OSError:
+            pass  # a read-only data dir only costs the recomputation
+    return scores

@@ -271,7 +271,7 @@ def draw_run_figures(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     history = history or []
-    device = split.x.device  # indices into the split live there
+    device = split.x.device  # indices into the split live there (the model's device, in this package)
     param = next(model.parameters())  # latents are made on the model's device and dtype
     was_training = model.training
     model.eval()
@@ -340,7 +340,8 @@ def interpolation_ends(y: Tensor) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Run the block with torch's RNG seeded, restoring the CPU RNG and the device's RNG after."""
+    """Run the block with torch's RNG seeded, restoring the CPU RNG and `device`'s RNG after (the
+    RNGs of other accelerators in the process, if any, are reseeded and not restored)."""
     if device.type == "cpu":
         forked = torch.random.fork_rng(devices=[])  # [] = the CPU RNG only
     else:

@@ -25,7 +25,7 @@ class SelectionError(ValueError):
 @dataclass
 class CellResult:
     spec: RunSpec
-    status: str  # trained | resumed | skipped | failed
+    status: str  # trained | resumed | skipped | failed; for re-evaluation: evaluated | missing
     run_id: str | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -45,8 +45,13 @@ class Summary:
         return 1 if self.of("failed") else 0
 
     def lines(self) -> list[str]:
-        out = [f"{len(self.of('trained', 'resumed'))} trained ({len(self.of('resumed'))} resumed), "
-               f"{len(self.of('skipped'))} skipped (already finished), {len(self.of('failed'))} failed"]
+        if self.of("evaluated") or not self.results or all(r.status == "missing" for r in self.results):
+            head = (f"{len(self.of('evaluated'))} evaluated, {len(self.of('missing'))} not trained yet "
+                    f"(skipped), {len(self.of('failed'))} failed")
+        else:
+            head = (f"{len(self.of('trained', 'resumed'))} trained ({len(self.of('resumed'))} resumed), "
+                    f"{len(self.of('skipped'))} skipped (already finished), {len(self.of('failed'))} failed")
+        out = [head]
         out += [f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}" for r in self.of("failed")]
         return out
 
@@ -177,15 +182,11 @@ def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_i
 
 def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, run_id: str,
                    resume: dict | None, progress: bool) -> dict[str, float]:
-    from vaebench.batches import to_device
     from vaebench.data import load_dataset
-    from vaebench.evaluate import evaluate
-    from vaebench.losses import effective_beta
     from vaebench.train import train
 
     s = spec.settings
     data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
-    test = None  # built after training, on the training device
     if resume is None:
         tracking.log_params(tracker, run_id, spec.params())
         tracking.set_tags(tracker, run_id, {tracking.TAG_SOURCE: data.source})
@@ -206,24 +207,115 @@ def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, ru
                 tracking.log_metrics(tracker, run_id, metrics, step=epoch)
 
     result = train(s, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
-    test = to_device(data.test, result.device, image_size=s.image_size, binarization=s.binarization)
-    c, h, w = test.shape
-    evaluation = evaluate(result.model, test, s, exp.evaluate)
-    final = {f"test/{k}": v for k, v in evaluation.metrics.items()}
-    final.update({"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
-                  "train/best_epoch": result.best_epoch,
-                  "effective_beta": effective_beta(s.beta, s.reduction, c * h * w)})
-    tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
-    tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device)}
-    if evaluation.not_applicable:
-        tags[tracking.TAG_NOT_APPLICABLE] = ",".join(f"test/{k}" for k in evaluation.not_applicable)
-    tracking.set_tags(tracker, run_id, tags)
-    if evaluation.kl_per_dim:
-        tracking.log_json(tracker, run_id, "eval/kl_per_dim.json", evaluation.kl_per_dim)
+    final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
+             "train/best_epoch": result.best_epoch}
+    tracking.set_tags(tracker, run_id, {"vaebench.stopped_early": result.stopped_early,
+                                        "vaebench.device": str(result.device)})
+    c, h, w = result.model.in_shape
     tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "settings": s.model_dump(mode="json"), "in_shape": [c, h, w]})
+    final.update(evaluate_and_log(exp, s, result.model, data, result.history, tracker, run_id,
+                                  step=result.epochs_run))
+    tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
     return final
+
+
+def evaluate_and_log(exp: Experiment, s, model, data, history: list[dict[str, float]],
+                     tracker: tracking.Tracker, run_id: str, step: int) -> dict[str, float]:
+    """Run the evaluation protocol on a trained model and log its test/* metrics, the dataset's
+    raw-pixel baseline, the per-dim KL table and the figures to `run_id`."""
+    import tempfile
+
+    from vaebench.batches import to_device
+    from vaebench.evaluate import evaluate, pixel_baseline
+    from vaebench.losses import effective_beta
+
+    device = next(model.parameters()).device
+    opts = dict(image_size=s.image_size, binarization=s.binarization)
+    test = to_device(data.test, device, **opts)
+    train = to_device(data.train, device, **opts)
+    protocol = exp.evaluate
+    evaluation = evaluate(model, test, s, protocol, train=train, num_classes=data.num_classes)
+    c, h, w = test.shape
+    final = {f"test/{k}": v for k, v in evaluation.metrics.items()}
+    final["effective_beta"] = effective_beta(s.beta, s.reduction, c * h * w)
+    if protocol.clustering:
+        key = _baseline_key(s, protocol)
+        baseline = pixel_baseline(train, test, data.num_classes, protocol, key,
+                                  cache_dir=exp.resolved_data_dir() / ".vaebench-cache")
+        final.update({f"baseline/{k}": v for k, v in baseline.items()})
+    tracking.log_metrics(tracker, run_id, final, step=step)
+    if evaluation.not_applicable:
+        tracking.set_tags(tracker, run_id, {tracking.TAG_NOT_APPLICABLE:
+                                            ",".join(f"test/{k}" for k in evaluation.not_applicable)})
+    if evaluation.kl_per_dim:
+        rows = "dim,kl\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(evaluation.kl_per_dim))
+        tracking.log_text(tracker, run_id, "eval/kl_per_dim.csv", rows)
+    if protocol.figures:
+        from vaebench.figures import draw_run_figures
+
+        with tempfile.TemporaryDirectory() as tmp:
+            draw_run_figures(model, test, history, tmp, likelihood=s.likelihood)
+            tracker.client.log_artifacts(run_id, tmp, "figures")
+    return final
+
+
+def _baseline_key(s, protocol) -> str:
+    import hashlib
+    import json
+
+    what = {"dataset": s.dataset, "options": s.data_config, "image_size": s.image_size,
+            "binarization": s.binarization,
+            "protocol": protocol.model_dump(include={"max_test_samples", "probe_train_samples",
+                                                     "silhouette_samples", "knn_neighbors", "kmeans_restarts"})}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
+                        overrides: dict[str, Any] | None = None, echo: Printer = print) -> Summary:
+    """Redo the evaluation of every finished cell from its saved model, without retraining (for
+    example with a larger k: `overrides={"iw_samples": 5000}`). The new test/* metrics are logged
+    to the same runs."""
+    from vaebench.data import load_dataset
+    from vaebench.train import build_for, resolve_device
+
+    if overrides:
+        exp = exp.model_copy(update={"evaluate": exp.evaluate.model_validate(
+            {**exp.evaluate.model_dump(), **overrides})})
+    specs = select(expand(exp), only or {})
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    existing = tracking.runs_by_key(tracker)
+    results: list[CellResult] = []
+    for i, spec in enumerate(specs):
+        prefix = f"[{i + 1}/{len(specs)}] {spec.name}"
+        run = next((r for r in existing.get(spec.key, []) if r.info.status == "FINISHED"), None)
+        if run is None:
+            results.append(CellResult(spec, "missing"))
+            echo(f"{prefix}: no finished run to evaluate (train it with `vaebench run`)")
+            continue
+        t0 = time.perf_counter()
+        run_id = run.info.run_id
+        try:
+            s = spec.settings
+            saved = tracking.load_torch(tracker, run_id, tracking.MODEL_PATH)
+            if saved is None:
+                raise FileNotFoundError(f"run {run_id} has no {tracking.MODEL_PATH} artifact")
+            model = build_for(s, tuple(saved["in_shape"]))
+            model.load_state_dict(saved["state_dict"])
+            model.to(resolve_device(s.device))
+            checkpoint = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH) or {}
+            data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+            step = int(run.data.metrics.get("train/epochs_run", 0))
+            metrics = evaluate_and_log(exp, s, model, data, checkpoint.get("history", []), tracker, run_id, step)
+            tracking.set_tags(tracker, run_id, {"vaebench.evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            result = CellResult(spec, "evaluated", run_id, time.perf_counter() - t0, metrics=metrics)
+        except Exception as e:  # noqa: BLE001 - one bad run must not stop the others
+            result = CellResult(spec, "failed", run_id, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+        results.append(result)
+        echo(f"{prefix}: {result.status} in {result.seconds:.1f}s" +
+             (f" - {result.error}" if result.error else _headline(result.metrics)))
+    return Summary(results)
 
 
 def _tag_value(v: Any) -> str:

@@ -151,7 +151,11 @@ def log_file(tracker: Tracker, run_id: str, artifact_path: str, write) -> None:
 
 
 def log_json(tracker: Tracker, run_id: str, artifact_path: str, data: Any) -> None:
-    log_file(tracker, run_id, artifact_path, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
+    log_text(tracker, run_id, artifact_path, json.dumps(data, indent=2))
+
+
+def log_text(tracker: Tracker, run_id: str, artifact_path: str, text: str) -> None:
+    log_file(tracker, run_id, artifact_path, lambda p: Path(p).write_text(text))
 
 
 def log_torch(tracker: Tracker, run_id: str, artifact_path: str, obj: Any) -> None:
@@ -166,14 +170,18 @@ def load_torch(tracker: Tracker, run_id: str, artifact_path: str) -> Any | None:
     import torch
     from mlflow.exceptions import MlflowException
 
+    root = tracker.client.get_run(run_id).info.artifact_uri
+    if root.startswith("file:"):  # a local store: read in place (no copy, no progress bar)
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        path = os.path.join(local_file_uri_to_path(root), artifact_path)
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = tracker.client.download_artifacts(run_id, artifact_path, tmp)
         except (MlflowException, OSError):
             return None
-        if not os.path.exists(path):
-            return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
 
 
 def metric_columns(runs: Iterable[Any]) -> list[str]:
