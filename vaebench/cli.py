@@ -1,4 +1,4 @@
-"""`vaebench run / evaluate / ls / ui`: `main(argv) -> int`, testable in process.
+"""`vaebench run / evaluate / tune / report / ls / ui`: `main(argv) -> int`, testable in process.
 
 Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (experiments file,
 flags), 130 interrupted (rerun to resume).
@@ -52,6 +52,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from vaebench.tune import tune_experiment
+
+    return tune_experiment(_load(args), n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
+                           export=args.export, echo=print)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaebench.report import build_report
+
+    path = build_report(_load(args), out=args.out, fmt=args.format)
+    print(f"report written to {path}")
+    return EXIT_OK
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from vaebench.matrix import expand
     from vaebench.runner import select
@@ -102,7 +117,8 @@ def _positive_int(text: str) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "evaluate": cmd_evaluate, "ls": cmd_ls, "ui": cmd_ui}
+    "run": cmd_run, "evaluate": cmd_evaluate, "tune": cmd_tune, "report": cmd_report, "ls": cmd_ls,
+    "ui": cmd_ui}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
+    tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
+        "Run (or resume) the Optuna study defined under `tune:`; every trial is an MLflow run."))
+    tune.add_argument("file", help="the experiments file")
+    tune.add_argument("--trials", type=_positive_int, help="number of trials (overrides tune.n_trials)")
+    tune.add_argument("--jobs", type=_positive_int, default=1, help="worker processes sharing the study")
+    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    tune.add_argument("--export", metavar="PATH", help="write the best settings as an experiments file")
+    report = sub.add_parser("report", help="(re)build the HTML report from what is in MLflow")
+    report.add_argument("file", help="the experiments file")
+    report.add_argument("--out", metavar="PATH", help="output file (default reports/<name>.html next to the file)")
+    report.add_argument("--format", choices=["html", "csv"], default="html")
     with_file("ls", "print the expanded matrix as a table (nothing is trained)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")
     ui.add_argument("file", nargs="?", help="the experiments file (its tracking store); default ./mlruns.db")

@@ -220,7 +220,6 @@ class Experiment(_Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     evaluate: EvaluateSettings = EvaluateSettings()
     tune: dict[str, Any] | None = None
-    report: dict[str, Any] | None = None
 
     # Filled in by load_experiment (not YAML keys).
     path: Path | None = Field(None, exclude=True)
