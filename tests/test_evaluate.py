@@ -1,0 +1,154 @@
+"""The evaluation protocol: the IWAE estimator against a closed-form marginal, the bound
+properties on a trained VAE, active units, reduction-independence, and re-evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from vaebench.batches import to_device
+from vaebench.cli import main
+from vaebench.config import EvaluateSettings, RunSettings, load_experiment
+from vaebench.data import load_dataset
+from vaebench.evaluate import evaluate, importance_weighted, iw_nll, pixel_baseline
+from vaebench.models import build_model
+from vaebench.train import train
+
+
+def linear_gaussian(d: int = 6, k: int = 2, sigma: float = 0.5, seed: int = 0):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, sigma^2 I): p(x) = N(b, W W^T + sigma^2 I) exactly."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(d, k, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    x = (torch.randn(5, k, generator=g, dtype=torch.float64) @ w.T + b
+         + sigma * torch.randn(5, d, generator=g, dtype=torch.float64))  # (B, D)
+    exact = torch.distributions.MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(d, dtype=torch.float64)).log_prob(x)
+    # the exact posterior is N(m, S); q keeps only its diagonal, shifted and twice as wide, so
+    # the ELBO is clearly loose while the importance weights stay well-behaved
+    s = torch.linalg.inv(torch.eye(k, dtype=torch.float64) + w.T @ w / sigma**2)
+    m = (x - b) @ w @ s / sigma**2 + 0.2  # (B, K)
+    logvar = torch.log(2 * torch.diagonal(s)).expand_as(m)
+
+    def log_px(z: torch.Tensor) -> torch.Tensor:  # (n, B, K) -> (n, B)
+        mean = z @ w.T + b
+        return torch.distributions.Normal(mean, sigma).log_prob(x).sum(-1)
+
+    return log_px, m, logvar, exact
+
+
+def test_iwae_matches_the_exact_marginal_of_a_linear_gaussian_model() -> None:
+    log_px, m, logvar, exact = linear_gaussian()
+    g = torch.Generator().manual_seed(1)
+    log_p, elbo = importance_weighted(log_px, m, logvar, k=20_000, per_chunk=3_000, generator=g)
+    assert torch.allclose(log_p, exact, atol=0.02), (log_p - exact)
+    assert (elbo < exact - 0.1).all(), "this q must leave a visible ELBO gap"
+    # memory is bounded by the chunk, not k: chunks of 7 give the same answer
+    log_p_small, _ = importance_weighted(log_px, m, logvar, k=20_000, per_chunk=7,
+                                         generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(log_p_small, exact, atol=0.02)
+
+
+def test_iwae_tightens_with_k_on_the_linear_gaussian_model() -> None:
+    log_px, m, logvar, exact = linear_gaussian()
+    gaps = []  # expected gap E[log p - estimate], averaged over repeats to beat the MC noise
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 10, 100, 1000):
+        runs = [importance_weighted(log_px, m, logvar, k=k, per_chunk=1000, generator=g)[0] for _ in range(100)]
+        gaps.append((exact - torch.stack(runs).mean(0)).mean().item())
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.05 * gaps[0]
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    data = load_dataset("digits", tmp_path_factory.mktemp("data"))
+    s = RunSettings(dataset="digits", model="vae", latent_dim=4, epochs=3, batch_size=64, device="cpu",
+                    arch_options={"mlp": {"hidden": [64]}}, lr=3e-3)
+    result = train(s, data, progress=False)
+    test = to_device(data.test, torch.device("cpu"), image_size=None, binarization="none")
+    return result.model, s, data, test
+
+
+def test_bounds_hold_on_a_trained_vae(trained_vae) -> None:
+    model, s, _, test = trained_vae
+    x = test.batch(torch.arange(100))
+    with torch.inference_mode():
+        means = []
+        for k in (1, 10, 100):
+            nll, elbo = iw_nll(model, x, s, k, chunk=2000, generator=torch.Generator().manual_seed(k))
+            assert (nll <= -elbo + 1e-4).all(), "nll_iw never exceeds -elbo from the same samples"
+            means.append(nll.mean().item())
+    assert means[0] >= means[1] >= means[2], means
+
+
+def test_protocol_metrics_on_a_trained_vae(trained_vae) -> None:
+    model, s, data, test = trained_vae
+    train_split = to_device(data.train, torch.device("cpu"), image_size=None, binarization="none")
+    ev = evaluate(model, test, s, EvaluateSettings(iw_samples=50), train=train_split, num_classes=10)
+    m = ev.metrics
+    assert m["nll_iw"] <= -m["elbo"] and m["nll_iw_k"] == 50
+    assert m["bpd"] == pytest.approx(-m["elbo"] / (64 * math.log(2)))
+    assert m["kl"] == pytest.approx(sum(ev.kl_per_dim)) and len(ev.kl_per_dim) == 4
+    assert 0 <= m["active_units"] <= 4
+    for key in ("kmeans_acc", "nmi", "ari", "silhouette", "knn_acc", "probe_acc"):
+        assert key in m
+    assert m["knn_acc"] > 0.3  # well above chance (0.1) even after 3 epochs
+    assert not ev.not_applicable
+
+
+def test_evaluation_ignores_the_training_objective(trained_vae) -> None:
+    model, s, _, test = trained_vae
+    protocol = EvaluateSettings(iw_samples=20, clustering=False)
+    other = s.model_copy(update={"reduction": "mean", "beta": 4.0,
+                                 "kl_anneal": s.kl_anneal.model_copy(update={"schedule": "linear", "epochs": 3})})
+    assert evaluate(model, test, s, protocol).metrics == evaluate(model, test, other, protocol).metrics
+
+
+def test_active_units_counts_exactly_the_dims_in_use(trained_vae) -> None:
+    _, s, _, test = trained_vae
+    model = build_model("vae", "mlp", in_shape=(1, 8, 8), latent_dim=6, arch_options={"hidden": [16]})
+    with torch.no_grad():
+        head = model.to_mean
+        head.weight.mul_(20.0)  # clearly varying means ...
+        head.weight[[1, 4]] = 0.0  # ... except dims 1 and 4, which ignore the input
+        head.bias[[1, 4]] = 0.3
+    ev = evaluate(model, test, s.model_copy(update={"latent_dim": 6}), EvaluateSettings(iw_samples=2, clustering=False))
+    assert ev.metrics["active_units"] == 4
+
+
+def test_deterministic_models_have_no_elbo_and_dae_reports_denoising(trained_vae) -> None:
+    _, s, _, test = trained_vae
+    dae = build_model("dae", "mlp", in_shape=(1, 8, 8), latent_dim=4, arch_options={"hidden": [16]}, noise=0.5)
+    ev = evaluate(dae, test, s.model_copy(update={"model": "dae"}), EvaluateSettings(clustering=False))
+    assert "elbo" not in ev.metrics and "nll_iw" not in ev.metrics and "elbo" in ev.not_applicable
+    assert {"recon_mse", "recon_bce", "noisy_recon_mse", "noisy_recon_bce"} <= set(ev.metrics)
+
+
+def test_pixel_baseline_is_computed_once_and_cached_on_disk(trained_vae, tmp_path: Path) -> None:
+    import vaebench.evaluate as ev_module
+
+    _, _, data, test = trained_vae
+    train_split = to_device(data.train, torch.device("cpu"), image_size=None, binarization="none")
+    protocol = EvaluateSettings()
+    first = pixel_baseline(train_split, test, 10, protocol, "k1", cache_dir=tmp_path)
+    assert (tmp_path / "baseline-k1.json").exists()
+    assert first["knn_acc"] > 0.9  # kNN on raw digits pixels is strong
+    ev_module._BASELINES.clear()
+    (tmp_path / "baseline-k1.json").write_text('{"knn_acc": 0.123}')  # proves it is read back, not recomputed
+    assert pixel_baseline(train_split, test, 10, protocol, "k1", cache_dir=tmp_path) == {"knn_acc": 0.123}
+    ev_module._BASELINES.clear()
+
+
+def test_vaebench_evaluate_redoes_the_evaluation_without_retraining(tiny_file: Path) -> None:
+    assert main(["run", str(tiny_file), "--no-progress", "--only", "model=vae"]) == 0
+    exp = load_experiment(tiny_file)
+    mlflow.set_tracking_uri(exp.resolved_tracking_uri())
+    before = mlflow.search_runs(experiment_names=["tiny"])
+    assert main(["evaluate", str(tiny_file), "--iw-samples", "16"]) == 0
+    after = mlflow.search_runs(experiment_names=["tiny"])
+    assert len(after) == len(before), "no new runs"
+    cell = after[after["tags.vaebench.kind"] == "cell"].iloc[0]
+    assert cell["metrics.test/nll_iw_k"] == 16 and "tags.vaebench.evaluated_at" in after
+    assert main(["evaluate", str(tiny_file), "--iw-samples", "0"]) == 2
