@@ -116,6 +116,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
     model.eval()
     device = test.x.device
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    k = protocol.k_for(device.type)
     c, h, w = test.shape
     num_pixels = c * h * w
     sums = {"recon_mse": 0.0, "recon_bce": 0.0, "elbo": 0.0, "nll_iw": 0.0,
@@ -136,7 +137,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         if model.stochastic:
             kl = kl_per_dim(post.mean, post.logvar)  # (B, K)
             kl_dims = kl.sum(0) if kl_dims is None else kl_dims + kl.sum(0)
-            nll, elbo = iw_nll(model, x, settings, protocol.iw_samples, protocol.iw_chunk, gen)
+            nll, elbo = iw_nll(model, x, settings, k, protocol.iw_chunk, gen)
             sums["nll_iw"] += nll.sum().item()
             sums["elbo"] += elbo.sum().item()
         n += x.shape[0]
@@ -161,7 +162,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         "elbo": sums["elbo"] / n,
         "bpd": -(sums["elbo"] / n) / (num_pixels * math.log(2)),
         "nll_iw": sums["nll_iw"] / n,
-        "nll_iw_k": float(protocol.iw_samples),
+        "nll_iw_k": float(k),
         "kl": sum(per_dim),
         "active_units": float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
     })
