@@ -128,6 +128,10 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch
 
 def _split_raw(x: torch.Tensor, y: torch.Tensor, test_fraction: float, num_classes: int, source: str) -> RawDataset:
     train, test = stratified_split(y, test_fraction, SPLIT_SEED)
+    # Embedded sources come sorted by label (mnist5k) or by folder (image_folder): a fixed shuffle
+    # makes "the first N images" (figures, max_test_samples, probes) a fair mix of classes.
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    train, test = train[torch.randperm(len(train), generator=g)], test[torch.randperm(len(test), generator=g)]
     return RawDataset(x[train], y[train], x[test], y[test], num_classes, source)
 
 
