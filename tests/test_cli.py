@@ -76,3 +76,32 @@ def test_console_script_smoke_run(tiny_file: Path) -> None:
     module = subprocess.run([sys.executable, "-m", "vaebench", "ls", str(tiny_file)],
                             capture_output=True, text=True, timeout=120)
     assert module.returncode == 0 and "2 cells" in module.stdout
+
+
+@pytest.mark.slow
+def test_ui_serves_the_project_store_on_loopback(tiny_file: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "ui", str(tiny_file), "--port", str(port)],
+                            cwd=tiny_file.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.time() + 90, ""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body.strip() == "OK", f"MLflow UI did not come up: {proc.poll()}"
+        assert (tiny_file.parent / "mlruns.db").exists(), "the UI opened the store next to the file"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -100,8 +100,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is a server: open {uri}")
         return EXIT_OK
+    # one worker: a single user on a laptop, not a team server (MLflow's default is 4)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop")
     return subprocess.call(cmd)
 
