@@ -7,13 +7,18 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from vaebench import tracking
-from vaebench.config import Experiment
+from vaebench.config import Experiment, RunSettings
 from vaebench.matrix import RunSpec, expand, flatten
+
+if TYPE_CHECKING:  # annotations only: runner imports torch lazily
+    from vaebench.data import Dataset
+    from vaebench.models import AutoEncoder
+    from vaebench.train import TrainResult
 
 Printer = Callable[[str], None]
 
@@ -207,22 +212,29 @@ def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, ru
                 tracking.log_metrics(tracker, run_id, metrics, step=epoch)
 
     result = train(s, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
+    return log_trained(exp, s, data, result, tracker, run_id)
+
+
+def log_trained(exp: Experiment, s: RunSettings, data: Dataset, result: TrainResult,
+                tracker: tracking.Tracker, run_id: str) -> dict[str, float]:
+    """After training: log the final model, run the evaluation protocol, log the final metrics;
+    returns them (matrix cells and Optuna trials alike)."""
     final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
              "train/best_epoch": result.best_epoch}
     tracking.set_tags(tracker, run_id, {"vaebench.stopped_early": result.stopped_early,
                                         "vaebench.device": str(result.device)})
-    c, h, w = result.model.in_shape
     tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-        "settings": s.model_dump(mode="json"), "in_shape": [c, h, w]})
+        "settings": s.model_dump(mode="json"), "in_shape": list(result.model.in_shape)})
     final.update(evaluate_and_log(exp, s, result.model, data, result.history, tracker, run_id,
                                   step=result.epochs_run))
     tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
     return final
 
 
-def evaluate_and_log(exp: Experiment, s, model, data, history: list[dict[str, float]],
-                     tracker: tracking.Tracker, run_id: str, step: int) -> dict[str, float]:
+def evaluate_and_log(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset,
+                     history: list[dict[str, float]], tracker: tracking.Tracker, run_id: str,
+                     step: int) -> dict[str, float]:
     """Run the evaluation protocol on a trained model and log its test/* metrics, the dataset's
     raw-pixel baseline, the per-dim KL table and the figures to `run_id`."""
     import tempfile
@@ -261,7 +273,7 @@ def evaluate_and_log(exp: Experiment, s, model, data, history: list[dict[str, fl
     return final
 
 
-def _baseline_key(s, protocol) -> str:
+def _baseline_key(s: RunSettings, protocol) -> str:
     import hashlib
     import json
 
