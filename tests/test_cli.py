@@ -105,3 +105,16 @@ def test_ui_serves_the_project_store_on_loopback(tiny_file: Path) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tiny_file: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert main(["run", str(tiny_file), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port} does not answer" in err and "Traceback" not in err

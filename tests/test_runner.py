@@ -133,3 +133,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(write_yaml, tmp_path: Path)
     assert int(cells["tags.vaebench.resumed_from_epoch"].iloc[0]) >= killed_at
     steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train/loss"))
     assert steps == list(range(30)), "every epoch logged exactly once"
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_exits_130(write_yaml, tmp_path: Path) -> None:
+    path = write_yaml(RESUMABLE)
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    cells, parents = child_runs(path)
+    assert list(cells["status"]) == ["KILLED"] and list(parents["status"]) == ["KILLED"]
+    summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
+    assert len(summary.of("resumed")) == 1

@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted: finished cells are kept; run the same command again to resume")
         return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - a message, not a traceback (VAEBENCH_DEBUG=1 shows it)
+        if os.environ.get("VAEBENCH_DEBUG"):
+            raise
+        _err(f"error: {type(e).__name__}: {e}")
+        return EXIT_FAILED
 
 
 def entrypoint() -> None:

@@ -48,10 +48,29 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast when a tracking server does not answer: MLflow's own client retries with
+    back-off for minutes before it gives up."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read()
+    except OSError as e:
+        raise TrackingUnavailable(f"the MLflow tracking server {uri} does not answer ({e}); start it, "
+                                  f"or unset MLFLOW_TRACKING_URI / tracking_uri to use a local SQLite file") from None
+
+
 def connect(uri: str, experiment_name: str) -> Tracker:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
