@@ -150,3 +150,26 @@ def test_ctrl_c_marks_the_run_killed_and_exits_130(write_yaml, tmp_path: Path) -
     assert list(cells["status"]) == ["KILLED"] and list(parents["status"]) == ["KILLED"]
     summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
     assert len(summary.of("resumed")) == 1
+
+
+@pytest.mark.slow
+def test_parallel_workers_train_every_cell_once(write_yaml) -> None:
+    path = write_yaml(TINY_FOUR)
+    summary = run_experiment(load_experiment(path), jobs=2, progress=False, echo=lambda s: None)
+    assert summary.exit_code == 0 and len(summary.of("trained")) == 4
+    cells, parents = child_runs(path)
+    assert len(cells) == 4 and set(cells["status"]) == {"FINISHED"}
+    assert set(cells["tags.mlflow.parentRunId"]) == set(parents["run_id"])
+    assert cells["metrics.test/recon_mse"].notna().all()
+    again = run_experiment(load_experiment(path), jobs=2, progress=False, echo=lambda s: None)
+    assert len(again.of("skipped")) == 4
+
+
+TINY_FOUR = """
+name: tiny
+defaults: {dataset: digits, epochs: 1, max_train_samples: 128, arch_options: {mlp: {hidden: [16]}}}
+evaluate: {iw_samples: 4, clustering: false, figures: false}
+matrix:
+  model: [ae, vae]
+  latent_dim: [2, 3]
+"""

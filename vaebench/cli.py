@@ -35,8 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vaebench.runner import run_experiment
 
     exp = _load(args)
-    summary = run_experiment(exp, only=_only(args), force=args.force, progress=not args.no_progress,
-                             echo=print)
+    summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs,
+                             progress=not args.no_progress, echo=print)
     for line in summary.lines():
         print(line)
     return summary.exit_code
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
     run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
+    run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                     help="train N cells at once in worker processes (default 1: in this process)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import yaml
 
@@ -104,7 +104,10 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None, force: bool = False,
-                   progress: bool = True, echo: Printer = print) -> Summary:
+                   jobs: int = 1, progress: bool = True, echo: Printer = print) -> Summary:
+    """Train and evaluate every selected cell that has no finished run (all with `force`), in this
+    process or in `jobs` worker processes; returns the summary. Ctrl-C marks the running cells and
+    the parent run KILLED (resumable) and propagates."""
     from tqdm.auto import tqdm
 
     specs = select(expand(exp), only or {})
@@ -112,25 +115,29 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     existing = tracking.runs_by_key(tracker)
     parent_id = tracking.start_run(tracker, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_KIND: "parent", "vaebench.file": str(exp.path), "vaebench.cells": len(specs),
-        "vaebench.axes": ",".join(exp.matrix), **tracking.machine_tags()})
-    echo(f"experiment {exp.name!r}: {len(specs)} cells; tracking at {tracker.uri}")
+        "vaebench.axes": ",".join(exp.matrix), "vaebench.jobs": jobs, **tracking.machine_tags()})
     results: list[CellResult] = []
+    todo: list[tuple[RunSpec, str | None]] = []  # (cell, run to resume)
+    for spec in specs:
+        previous = existing.get(spec.key, [])
+        finished = next((r for r in previous if r.info.status == "FINISHED"), None)
+        if finished is not None and not force:
+            results.append(CellResult(spec, "skipped", finished.info.run_id))
+            echo(f"{spec.name}: skipped, finished as run {finished.info.run_id}")
+            continue
+        unfinished = None if force else next((r for r in previous if r.info.status != "FINISHED"), None)
+        todo.append((spec, unfinished.info.run_id if unfinished else None))
+    echo(f"experiment {exp.name!r}: {len(specs)} cells, {len(todo)} to train"
+         f"{f' in {jobs} processes' if jobs > 1 and len(todo) > 1 else ''}; tracking at {tracker.uri}")
     status = "FINISHED"
     try:
-        for i, spec in enumerate(tqdm(specs, desc="cells", unit="run", disable=not progress)):
-            prefix = f"[{i + 1}/{len(specs)}] {spec.name}"
-            previous = existing.get(spec.key, [])
-            finished = next((r for r in previous if r.info.status == "FINISHED"), None)
-            if finished is not None and not force:
-                results.append(CellResult(spec, "skipped", finished.info.run_id))
-                echo(f"{prefix}: skipped, finished as run {finished.info.run_id}")
-                continue
-            unfinished = None if force else next((r for r in previous if r.info.status != "FINISHED"), None)
-            result = run_cell(exp, spec, tracker, parent_id, resume_run_id=unfinished.info.run_id
-                              if unfinished else None, progress=progress)
+        bar = tqdm(total=len(todo), desc="cells", unit="run", disable=not progress or not todo)
+        for i, result in enumerate(_execute(exp, todo, tracker, parent_id, jobs, progress)):
             results.append(result)
-            echo(f"{prefix}: {result.status} in {result.seconds:.1f}s" +
+            bar.update()
+            echo(f"[{i + 1}/{len(todo)}] {result.spec.name}: {result.status} in {result.seconds:.1f}s" +
                  (f" - {result.error}" if result.error else _headline(result.metrics)))
+        bar.close()
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -141,6 +148,46 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
             "cells/skipped": len(summary.of("skipped")), "cells/failed": len(summary.of("failed"))})
         tracking.finish(tracker, parent_id, status)
     return summary
+
+
+def _execute(exp: Experiment, todo: list[tuple[RunSpec, str | None]], tracker: tracking.Tracker,
+             parent_id: str, jobs: int, progress: bool) -> Iterator[CellResult]:
+    """Run the cells in this process (jobs=1), or in a pool of `jobs` processes (spawned: CUDA-safe)
+    that split the CPU threads between them; yields results as cells finish."""
+    if jobs <= 1 or len(todo) <= 1:
+        for spec, resume_id in todo:
+            yield run_cell(exp, spec, tracker, parent_id, resume_run_id=resume_id, progress=progress)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(_cell_in_worker, exp, spec, tracker.uri, parent_id, resume_id)
+                   for spec, resume_id in todo]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+_WORKER: dict[str, Any] = {}  # per worker process: its tracker, reused across cells
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _cell_in_worker(exp: Experiment, spec: RunSpec, uri: str, parent_id: str, resume_id: str | None) -> CellResult:
+    if "tracker" not in _WORKER:
+        _WORKER["tracker"] = tracking.connect(uri, exp.name)
+    return run_cell(exp, spec, _WORKER["tracker"], parent_id, resume_run_id=resume_id, progress=False)
 
 
 def _headline(metrics: dict[str, float]) -> str:
