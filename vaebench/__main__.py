@@ -1,3 +1,4 @@
 from vaebench.cli import entrypoint
 
-entrypoint()
+if __name__ == "__main__":  # guarded: spawned worker processes import this module too
+    entrypoint()

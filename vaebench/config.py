@@ -591,7 +591,7 @@ def _check_tune(exp: Experiment, problems: _Problems) -> None:
         elif key in exp.matrix and not any(_same(value, v) for v in exp.matrix[key]):
             problems.add(("tune", "cell", key), f"{value!r} is not a value of the matrix axis {key!r}; "
                                                 f"allowed: {', '.join(map(str, exp.matrix[key]))}")
-    missing = [a for a, vs in exp.matrix.items() if len(vs) > 1 and a not in t.cell]
+    missing = [a for a, vs in exp.matrix.items() if len(vs) > 1 and a not in t.cell and a not in t.space]
     if missing:
         problems.add(("tune", "cell"), "pick one matrix cell for the study: give a value for "
                      + ", ".join(f"{a!r} (one of {', '.join(map(str, exp.matrix[a]))})" for a in missing))
@@ -676,7 +676,9 @@ def _check_tune(exp: Experiment, problems: _Problems) -> None:
 
     # Sampler and pruner.
     if t.sampler not in SAMPLERS:
-        problems.add(("tune", "sampler"), f"unknown sampler {t.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        hint = " (Optuna's CmaEsSampler needs the `cmaes` package, which vaebench does not install)" \
+            if t.sampler == "cmaes" else ""
+        problems.add(("tune", "sampler"), f"unknown sampler {t.sampler!r}; allowed: {', '.join(SAMPLERS)}{hint}")
     elif t.sampler == "grid":
         ranged = [k for k, kind in kinds.items() if kind != "categorical"]
         if ranged:

@@ -1,7 +1,7 @@
 """`vaebench tune`: Optuna studies over the same train/evaluate functions as `vaebench run`.
 
 A trial is one run: `defaults` + the study's fixed matrix cell (`tune.cell`) + a point of
-`tune.space` -> `train.train` -> `runner.evaluate_and_log`, in its own MLflow run (a child of the
+`tune.space` -> `train.train` -> `runner.log_trained`, in its own MLflow run (a child of the
 study's parent run). Per-epoch validation metrics go to MLflow and, for single-objective studies,
 to the pruner; a pruned trial's MLflow run ends KILLED with its curve so far.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ RESERVED_OPTIONS = {"seed": "set it with tune.seed", "search_space": "the grid i
 
 DEFAULT_TRIALS = 20
 HEARTBEAT_SECONDS = 30  # RDB storages: a trial whose process stopped beating for 2x this is failed
-ATTR_RUN_ID, ATTR_RUN_KEY, ATTR_HOST, ATTR_PID = "mlflow_run_id", "run_key", "host", "pid"
+ATTR_RUN_ID, ATTR_RUN_KEY, ATTR_WORKER = "mlflow_run_id", "run_key", "worker"  # worker: "host:pid"
 ATTR_ERROR, ATTR_PRUNED_AT = "error", "pruned_at_epoch"
 TAG_TRIAL_STATE, TAG_BEST, TAG_STUDY = "vaebench.trial_state", "vaebench.best", "optuna.study_name"
 
@@ -301,17 +300,23 @@ class Objective:
         from vaebench.matrix import RunSpec, run_key, run_name
 
         plan, tracker = self.plan, self.tracker
+        # First of all, who runs it: if this process dies, the next `vaebench tune` on this
+        # machine sees the pid is gone and fails the trial (see fail_orphans).
+        trial.set_user_attr(ATTR_WORKER, _worker_id())
         params = {d.key: d.suggest(trial) for d in self.dims}
-        settings = trial_settings(plan, params)
+        try:  # a point of the space can still make an invalid combination of settings
+            settings = trial_settings(plan, params)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            trial.set_user_attr(ATTR_ERROR, f"invalid settings: {e}"[:2000])
+            raise
         axes = {**plan.cell, **params}
         spec = RunSpec(settings=settings, axes=axes, key=run_key(settings), name=run_name(settings, axes))
         run_id = tracking.start_run(tracker, f"t{trial.number}-{spec.name}", {
             tracking.TAG_KIND: "trial", "vaebench.trial_number": trial.number, TAG_STUDY: plan.study_name,
-            tracking.TAG_RUN_KEY: spec.key, "vaebench.worker": f"{platform.node()}:{os.getpid()}",
+            tracking.TAG_RUN_KEY: spec.key, "vaebench.worker": _worker_id(),
             "vaebench.tuned": ",".join(params), **{k: _tag_value(v) for k, v in axes.items()}}, plan.parent_id)
-        for key, value in {ATTR_RUN_ID: run_id, ATTR_RUN_KEY: spec.key, ATTR_HOST: platform.node(),
-                           ATTR_PID: os.getpid()}.items():
-            trial.set_user_attr(key, value)
+        trial.set_user_attr(ATTR_RUN_ID, run_id)
+        trial.set_user_attr(ATTR_RUN_KEY, spec.key)
         try:
             values = self._train_and_evaluate(trial, spec, run_id)
             tracking.set_tags(tracker, run_id, {TAG_TRIAL_STATE: "COMPLETE"})
@@ -340,7 +345,7 @@ class Objective:
 
         from vaebench import tracking
         from vaebench.data import load_dataset
-        from vaebench.runner import evaluate_and_log
+        from vaebench.runner import log_trained
         from vaebench.train import train
 
         plan, tracker, s = self.plan, self.tracker, spec.settings
@@ -367,17 +372,7 @@ class Objective:
                 raise optuna.TrialPruned(f"at epoch {epoch}: {plan.prune_on} = {value:.5g}")
 
         result = train(s, data, on_epoch_end=on_epoch_end, progress=False)
-        final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
-                 "train/best_epoch": result.best_epoch}
-        tracking.set_tags(tracker, run_id, {"vaebench.stopped_early": result.stopped_early,
-                                            "vaebench.device": str(result.device)})
-        c, h, w = result.model.in_shape
-        tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
-            "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-            "settings": s.model_dump(mode="json"), "in_shape": [c, h, w]})
-        final.update(evaluate_and_log(plan.exp, s, result.model, data, result.history, tracker, run_id,
-                                      step=result.epochs_run))
-        tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
+        final = log_trained(plan.exp, s, data, result, tracker, run_id)  # model, evaluation, test/*
         # val/* objectives: the epoch whose weights were kept (train restores the best val/loss).
         kept = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) \
             else (result.history[-1] if result.history else {})
@@ -463,13 +458,18 @@ def fail_orphans(study: Any, plan: Plan, echo: Printer) -> list[int]:
 
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(ATTR_HOST) != platform.node() or _alive(t.user_attrs.get(ATTR_PID)):
+        host, _, pid = str(t.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+        if host != platform.node() or _alive(pid):
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         _close_orphan_run(plan.tracking_uri, plan.exp.name, t, "its process ended without finishing it")
         failed.append(t.number)
-        echo(f"trial {t.number}: its process ({t.user_attrs.get(ATTR_PID)}) is gone; marked FAIL")
+        echo(f"trial {t.number}: its process ({pid}) is gone; marked FAIL")
     return failed
+
+
+def _worker_id() -> str:
+    return f"{platform.node()}:{os.getpid()}"
 
 
 def _alive(pid: Any) -> bool:
@@ -588,10 +588,10 @@ def _record_study(plan: Plan, study: Any, tracker: Any, parent_id: str, best: li
     counts = {s: len(study.get_trials(deepcopy=False, states=(getattr(TrialState, s),)))
               for s in ("COMPLETE", "PRUNED", "FAIL")}
     metrics = {f"trials/{s.lower()}": n for s, n in counts.items()}
-    if len(best) == 1:
-        metrics.update({f"best/{m}": v for m, v in zip(plan.tune.objectives, best[0].values)})
-    else:
+    if plan.tune.multi_objective:
         metrics["best/pareto_size"] = len(best)
+    elif best:
+        metrics.update({f"best/{m}": v for m, v in zip(plan.tune.objectives, best[0].values)})
     tracking.log_metrics(tracker, parent_id, metrics, step=counts["COMPLETE"] + counts["PRUNED"])
     tracking.set_tags(tracker, parent_id, {"vaebench.best_trials": ",".join(str(t.number) for t in best)})
     tracking.log_json(tracker, parent_id, "study/tune.json", {
@@ -617,6 +617,9 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from us
     try:
         plan = make_plan(exp, n_trials, timeout)
+        if n_jobs > 1 and ":memory:" in plan.storage:
+            raise ConfigError(exp.path or "", [f" tune.storage: {plan.storage} cannot be shared by --jobs {n_jobs} "
+                                               "worker processes; use a file or a database"])
         study = open_study(plan, create=True)
         for point in exp.tune.enqueue:
             dims = {d.key: d for d in dimensions(exp)}
@@ -658,7 +661,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
             if not best:
                 echo("nothing to export: the study has no complete trial yet")
                 return 1
-            chosen = best[0] if len(best) == 1 else min(
+            chosen = best[0] if not plan.tune.multi_objective else min(
                 best, key=lambda t: -t.values[0] if plan.tune.study_directions[0] == "maximize" else t.values[0])
             path = export_best(plan, chosen, export)
             echo(f"best settings (trial {chosen.number}) written to {path}; run them with `vaebench run {path}`")
@@ -679,7 +682,7 @@ def summary_lines(plan: Plan, study: Any, new: list[Any], best: list[Any]) -> li
            f"this run: {len(new)} ({count(new)})"]
     if not best:
         out.append("no complete trial yet")
-    elif len(best) == 1:
+    elif not plan.tune.multi_objective:
         t = best[0]
         out.append(f"best trial {t.number}: " + ", ".join(
             f"{m} = {_fmt(v)} ({d})" for m, v, d in zip(plan.tune.objectives, t.values, plan.tune.study_directions)))

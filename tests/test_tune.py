@@ -1,0 +1,468 @@
+"""`vaebench tune` end to end on tiny data: trials as MLflow children of the study run, pruning,
+resume after a kill, --export round trip, multi-objective Pareto fronts, --jobs workers, and the
+config errors of a bad `tune:` section. Every test has its own MLflow store and Optuna storage in
+tmp_path."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from vaebench import cli, tracking
+from vaebench.config import ConfigError, load_experiment
+from vaebench.matrix import expand
+from vaebench.tune import decoded_params, make_plan, open_study, trial_settings, tune_experiment
+
+BASE = """
+name: tiny
+seeds: [0]
+defaults:
+  dataset: digits
+  epochs: {epochs}
+  batch_size: 64
+  max_train_samples: 256
+  latent_dim: 2
+  arch_options:
+    mlp: {{hidden: [32]}}
+evaluate: {{iw_samples: 4, clustering: false, figures: false}}
+matrix:
+  model: [ae, vae]
+"""
+
+
+def experiment_file(write_yaml, tune: str, epochs: int = 2, name: str = "experiments.yaml") -> Path:
+    return write_yaml(BASE.format(epochs=epochs) + "tune:\n" + textwrap.indent(textwrap.dedent(tune).strip(), "  ")
+                      + "\n", name)
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Creating MLflow's tables takes seconds; copy an empty, migrated store into each test instead.
+    path = tmp_path_factory.mktemp("template") / "mlruns.db"
+    tracking.connect("sqlite:///" + str(path), "template")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _store(tmp_path: Path, mlflow_template: Path) -> None:
+    shutil.copy(mlflow_template, tmp_path / "mlruns.db")
+
+
+def quiet(lines: list[str] | None = None):
+    return (lines.append if lines is not None else (lambda s: None))
+
+
+def runs_of(path: Path) -> pd.DataFrame:
+    exp = load_experiment(path)
+    mlflow.set_tracking_uri(exp.resolved_tracking_uri())
+    return mlflow.search_runs(experiment_names=[exp.name])
+
+
+def study_of(path: Path) -> optuna.Study:
+    exp = load_experiment(path)
+    return open_study(make_plan(exp, None, None))
+
+
+LR_SPACE = """
+cell: {model: vae}
+metric: test/elbo
+direction: maximize
+sampler: random
+seed: 0
+pruner: none
+space:
+  lr: {low: 1.0e-3, high: 1.0e-2, log: true}
+  beta: {low: 0.5, high: 2.0}
+"""
+
+
+def test_trials_are_children_of_the_study_run(write_yaml, tmp_path: Path) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 3\n")
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=lines.append) == 0
+
+    study = study_of(path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.study_name == "tiny-tune"
+    assert (tmp_path / "optuna.db").exists()  # default storage: next to the MLflow store
+    df = runs_of(path)
+    parents = df[df["tags.vaebench.kind"] == "study"]
+    trials = df[df["tags.vaebench.kind"] == "trial"]
+    assert len(parents) == 1 and len(trials) == 3
+    parent = parents.iloc[0]
+    assert parent["tags.optuna.study_name"] == "tiny-tune"
+    assert parent["tags.optuna.storage"] == "sqlite:///" + str(tmp_path / "optuna.db")
+    assert parent["status"] == "FINISHED" and parent["metrics.trials/complete"] == 3
+    assert set(trials["tags.mlflow.parentRunId"]) == {parent["run_id"]}
+    assert set(trials["tags.optuna.study_name"]) == {"tiny-tune"}
+    assert sorted(trials["tags.vaebench.trial_number"].astype(int)) == [0, 1, 2]
+    assert set(trials["status"]) == {"FINISHED"} and set(trials["tags.vaebench.trial_state"]) == {"COMPLETE"}
+    # every setting is a param; the sampled ones are the trial's params
+    by_number = trials.set_index(trials["tags.vaebench.trial_number"].astype(int))
+    for t in study.trials:
+        row = by_number.loc[t.number]
+        assert float(row["params.lr"]) == pytest.approx(t.params["lr"])
+        assert float(row["params.beta"]) == pytest.approx(t.params["beta"])
+        assert row["params.model"] == "vae" and row["params.dataset"] == "digits"
+        assert row["metrics.test/elbo"] == pytest.approx(t.value)
+        assert row["tags.vaebench.run_key"] == t.user_attrs["run_key"]
+        assert row["run_id"] == t.user_attrs["mlflow_run_id"]
+    # per-epoch curves, and the best trial tagged
+    history = mlflow.MlflowClient().get_metric_history(by_number.loc[0]["run_id"], "val/loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    best = trials[trials["tags.vaebench.best"] == "true"]
+    assert list(best["tags.vaebench.trial_number"].astype(int)) == [study.best_trial.number]
+    assert sum(line.startswith("trial ") and "COMPLETE" in line for line in lines) == 3
+    assert any(line.startswith(f"best trial {study.best_trial.number}: test/elbo") for line in lines)
+
+
+PRUNING = """
+cell: {model: vae}
+metric: test/elbo
+direction: maximize
+n_trials: 3
+pruner: median
+pruner_options: {n_startup_trials: 2}
+space:
+  lr: {choices: [0.01, 0.005, 1.0e-7]}
+enqueue:             # a deterministic order: two sane trials, then an absurdly small lr
+  - {lr: 0.01}
+  - {lr: 0.005}
+  - {lr: 1.0e-7}
+"""
+
+
+def test_pruning_prunes_a_clearly_worse_trial(write_yaml) -> None:
+    path = experiment_file(write_yaml, PRUNING, epochs=4)
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=lines.append) == 0
+
+    study = study_of(path)
+    assert [t.params["lr"] for t in study.trials] == [0.01, 0.005, 1.0e-7]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = study.trials[2]
+    assert pruned.user_attrs["pruned_at_epoch"] < 3  # stopped before the last epoch
+    df = runs_of(path)
+    row = df[df["run_id"] == pruned.user_attrs["mlflow_run_id"]].iloc[0]
+    assert row["status"] == "KILLED" and row["tags.vaebench.trial_state"] == "PRUNED"
+    assert pd.isna(row.get("metrics.test/elbo"))  # never evaluated
+    # its curve so far stays visible
+    curve = mlflow.MlflowClient().get_metric_history(row["run_id"], "val/neg_elbo")
+    assert sorted(m.step for m in curve) == list(range(pruned.user_attrs["pruned_at_epoch"] + 1))
+    assert any(line.startswith("trial 2 PRUNED") for line in lines)
+    # the pruner saw -val/neg_elbo (the study maximises the ELBO)
+    assert pruned.intermediate_values[0] < min(t.intermediate_values[0] for t in study.trials[:2])
+
+
+def _orphan(path: Path) -> int:
+    """A trial left RUNNING by a process that no longer exists, with its MLflow run RUNNING."""
+    exp = load_experiment(path)
+    study = study_of(path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with warnings.catch_warnings():  # the storage has heartbeats; this trial never beats
+        warnings.simplefilter("ignore")
+        trial = study.ask()
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    run_id = tracking.start_run(tracker, "orphan", {tracking.TAG_KIND: "trial"})
+    trial.set_user_attr("worker", f"{platform.node()}:{dead.pid}")
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return trial.number
+
+
+def test_resume_runs_only_the_missing_trials(write_yaml) -> None:
+    path = experiment_file(write_yaml, LR_SPACE)
+    exp = load_experiment(path)
+    assert tune_experiment(exp, n_trials=2, echo=quiet()) == 0
+    first = {t.number: t.params for t in study_of(path).trials}
+    orphan = _orphan(path)
+
+    lines: list[str] = []
+    assert tune_experiment(exp, n_trials=4, echo=lines.append) == 0
+    study = study_of(path)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    assert {t.number: t.params for t in complete if t.number in first} == first  # kept, not rerun
+    assert len({t.params["lr"] for t in complete}) == 4  # a resumed seed does not replay suggestions
+    assert study.trials[orphan].state == TrialState.FAIL
+    assert any(f"trial {orphan}: its process" in line for line in lines)
+    df = runs_of(path)
+    assert df[df["tags.mlflow.runName"] == "orphan"]["status"].tolist() == ["FAILED"]
+    assert len(df[df["tags.vaebench.kind"] == "study"]) == 1  # one parent run per study, reused
+    # nothing left to do: a third call runs no trial
+    assert tune_experiment(exp, n_trials=4, echo=quiet()) == 0
+    assert len(study_of(path).trials) == len(study.trials)
+
+
+def trial_states(db: Path) -> list[str]:
+    """Trial states in number order, read straight from the SQLite file ([] until it exists)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return [state for (state,) in conn.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.Error:
+        return []
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_from_storage(write_yaml, tmp_path: Path) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=50)
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "tune", str(path)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    states: list[str] = []
+    # Poll the storage read-only (opening it through Optuna could race the child creating its tables).
+    while time.time() < deadline and "RUNNING" not in states[1:]:  # kill it inside the second trial
+        time.sleep(0.1)
+        states = trial_states(tmp_path / "optuna.db")
+    time.sleep(0.5)  # well into its epochs (a trial takes seconds)
+    states = trial_states(tmp_path / "optuna.db")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert states[:1] == ["COMPLETE"] and states[1:] == ["RUNNING"], f"not killed mid-trial: {states}"
+    killed = study_of(path)
+    finished = {t.number: t.params for t in killed.get_trials(states=(TrialState.COMPLETE,))}
+
+    assert tune_experiment(load_experiment(path), echo=quiet()) == 0
+    study = study_of(path)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    assert {t.number: t.params for t in complete if t.number in finished} == finished
+    assert study.trials[1].state == TrialState.FAIL  # the killed one: not counted, not rerun
+    assert [t.number for t in complete] == [0, 2]
+    df = runs_of(path)
+    trials = df[df["tags.vaebench.kind"] == "trial"]
+    assert sorted(trials["status"]) == ["FAILED", "FINISHED", "FINISHED"]
+    assert len(df[df["tags.vaebench.kind"] == "study"]) == 1
+
+
+def test_export_reproduces_the_best_trial(write_yaml, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 3\n")
+    out = tmp_path / "out" / "best.yaml"
+    assert cli.main(["tune", str(path), "--export", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+
+    exp = load_experiment(path)
+    study = study_of(path)
+    best = study.best_trial
+    best_settings = trial_settings(make_plan(exp, None, None), best.params)
+    exported = load_experiment(out)
+    assert exported.name == "tiny-best" and exported.tune is None
+    specs = expand(exported)
+    assert len(specs) == 1
+    assert specs[0].settings == best_settings
+    df = runs_of(path)
+    best_run = df[df["run_id"] == best.user_attrs["mlflow_run_id"]].iloc[0]
+    assert best_run["tags.vaebench.best"] == "true"
+    assert specs[0].key == best_run["tags.vaebench.run_key"]
+    # and `vaebench run` trains it into the same store (the exported file points there)
+    assert cli.main(["run", str(out), "--no-progress"]) == 0
+    rerun = mlflow.search_runs(experiment_names=["tiny-best"])
+    cell = rerun[rerun["tags.vaebench.kind"] == "cell"].iloc[0]
+    assert cell["tags.vaebench.run_key"] == specs[0].key
+    assert cell["metrics.test/elbo"] == pytest.approx(best.value, rel=1e-4)
+
+
+def test_multi_objective_keeps_a_pareto_front(write_yaml) -> None:
+    path = experiment_file(write_yaml, """
+        cell: {model: vae}
+        metrics: [test/elbo, test/recon_mse]
+        directions: [maximize, minimize]
+        sampler: random
+        seed: 1
+        n_trials: 3
+        space:
+          lr: {low: 1.0e-3, high: 1.0e-2, log: true}
+          latent_dim: {low: 2, high: 6, step: 2}
+        """)
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=lines.append) == 0
+    study = study_of(path)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    front = study.best_trials
+    assert len(front) >= 1 and all(len(t.values) == 2 for t in front)
+    assert all(t.params["latent_dim"] in (2, 4, 6) for t in study.trials)
+    assert any(line.startswith(f"Pareto front: {len(front)} trials") for line in lines)
+    df = runs_of(path)
+    parent = df[df["tags.vaebench.kind"] == "study"].iloc[0]
+    assert parent["tags.vaebench.directions"] == "maximize,minimize"
+    assert parent["tags.vaebench.pruner"] == "none"
+    tagged = set(df[df["tags.vaebench.best"] == "true"]["run_id"])
+    assert tagged == {t.user_attrs["mlflow_run_id"] for t in front}
+
+
+def test_grid_over_list_choices_runs_every_point_once(write_yaml) -> None:
+    path = experiment_file(write_yaml, """
+        cell: {model: vae}
+        metric: val/neg_elbo
+        direction: minimize
+        sampler: grid
+        space:
+          arch_options.mlp.hidden: {choices: [[16], [32, 16]]}
+        """)
+    exp = load_experiment(path)
+    assert tune_experiment(exp, echo=quiet()) == 0  # n_trials defaults to the grid's size
+    study = study_of(path)
+    plan = make_plan(exp, None, None)
+    assert sorted(t.params["arch_options.mlp.hidden"] for t in study.trials) == ["[16]", "[32, 16]"]  # JSON in Optuna
+    hidden = sorted(trial_settings(plan, decoded_params(plan, t)).arch_config["hidden"] for t in study.trials)
+    assert hidden == [[16], [32, 16]]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    df = runs_of(path)
+    assert sorted(df["params.arch_options.mlp.hidden"].dropna()) == ["[16]", "[32, 16]"]
+    assert tune_experiment(exp, echo=quiet()) == 0 and len(study_of(path).trials) == 2  # done
+
+
+def test_a_study_with_other_directions_is_not_silently_reused(write_yaml, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    path = experiment_file(write_yaml, GOOD_TUNE)
+    optuna.create_study(storage="sqlite:///" + str(tmp_path / "optuna.db"), study_name="tiny-tune",
+                        direction="minimize")
+    assert cli.main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'tiny-tune'" in err and "['minimize']" in err and "tune.study_name" in err
+
+
+def test_a_metric_the_model_does_not_compute_stops_the_study(write_yaml) -> None:
+    path = experiment_file(write_yaml, """
+        cell: {model: vae}
+        metric: test/nmi
+        direction: maximize
+        n_trials: 3
+        space:
+          lr: {low: 1.0e-3, high: 1.0e-2}
+        """)
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=lines.append) == 1
+    study = study_of(path)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert "test/nmi was not computed" in study.trials[0].user_attrs["error"]
+    assert "evaluate.clustering False" in lines[1]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(write_yaml) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 4\n")
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), n_jobs=2, echo=lines.append) == 0
+    study = study_of(path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    df = runs_of(path)
+    trials = df[df["tags.vaebench.kind"] == "trial"]
+    parent = df[df["tags.vaebench.kind"] == "study"]["run_id"].iloc[0]
+    assert len(trials) == 4 and set(trials["tags.mlflow.parentRunId"]) == {parent}
+    workers = set(trials["tags.vaebench.worker"])
+    assert len(workers) == 2 and all(w.split(":")[-1] != str(os.getpid()) for w in workers)
+    assert {line.split("]")[0] for line in lines if line.startswith("[worker")} == {"[worker 0", "[worker 1"}
+    assert len({t.params["lr"] for t in study.trials}) == 4  # the workers' samplers differ
+
+
+# --- bad tune sections -------------------------------------------------------------------------
+
+GOOD_TUNE = """
+cell: {model: vae}
+metric: test/elbo
+direction: maximize
+space:
+  lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+"""
+
+
+def _space(line: str) -> str:
+    return f"cell: {{model: vae}}\nmetric: test/elbo\ndirection: maximize\nspace:\n  {line}"
+
+
+MULTI_WITH_PRUNER = """
+cell: {model: vae}
+metrics: [test/elbo, test/recon_mse]
+directions: [maximize, minimize]
+pruner: median
+space:
+  lr: {low: 0.001, high: 0.01}
+"""
+BAD_TUNE = [
+    pytest.param(_space("learning_rate: {low: 0.1, high: 1}"),
+                 ":19: tune.space.learning_rate: unknown setting 'learning_rate'; allowed: dataset",
+                 id="unknown-setting"),
+    pytest.param(_space("lr: {low: 0.1, high: 0.01}"),
+                 ":19: tune.space.lr.low: 0.1 is greater than high (0.01)", id="low>high"),
+    pytest.param(_space("beta: {choices: []}"), ":19: tune.space.beta.choices: empty list", id="empty-choices"),
+    pytest.param(_space("lr: {lowe: 0.1, high: 1}"),
+                 "tune.space.lr.lowe: unknown key 'lowe'; allowed: type, low, high, step, log, choices",
+                 id="unknown-key"),
+    pytest.param(MULTI_WITH_PRUNER, ":18: tune.pruner: Optuna does not support pruning for multi-objective studies",
+                 id="multi-objective+pruner"),
+    pytest.param(GOOD_TUNE + "sampler: annealing",
+                 "tune.sampler: unknown sampler 'annealing'; allowed: tpe, random, grid", id="unknown-sampler"),
+    pytest.param(GOOD_TUNE + "sampler: grid",
+                 "tune.sampler: grid needs a categorical-only space (`choices`); these are ranges: lr",
+                 id="grid-range"),
+    pytest.param(GOOD_TUNE.replace("model: vae", "model: ae"),
+                 "tune.metric: test/elbo is not defined for the deterministic model 'ae'", id="elbo-of-ae"),
+    pytest.param(GOOD_TUNE.replace("cell: {model: vae}\n", ""),
+                 "tune.cell: pick one matrix cell for the study: give a value for 'model'", id="no-cell"),
+    pytest.param(GOOD_TUNE.replace("model: vae", "model: dae"),
+                 "tune.cell.model: 'dae' is not a value of the matrix axis 'model'", id="cell-off-axis"),
+    pytest.param(GOOD_TUNE.replace("test/elbo", "elbo"),
+                 "tune.metric: 'elbo' is not a metric name; expected test/<name>", id="metric-name"),
+    pytest.param(GOOD_TUNE.replace("direction: maximize\n", ""), "tune.metric: needs a `direction`",
+                 id="no-direction"),
+    pytest.param(GOOD_TUNE + "  latent_dim: {low: 2, high: 8.5}",
+                 "tune.space.latent_dim.high: 8.5: latent_dim takes whole numbers", id="fractional-int"),
+    pytest.param(GOOD_TUNE + "  arch_options.conv.channels: {choices: [[8], [16]]}",
+                 "tune.space.arch_options.conv.channels: has no effect: the cell's arch is 'mlp'", id="other-arch"),
+    pytest.param(GOOD_TUNE + "  kl_anneal.schedule: {choices: [linear, sometimes]}",
+                 "tune.space.kl_anneal.schedule.choices[1]: 'sometimes' is not a valid kl_anneal.schedule",
+                 id="bad-choice"),
+    pytest.param(GOOD_TUNE + "pruner_options: {patience: 3}",
+                 "tune.pruner_options.patience: unknown median option; allowed: n_startup_trials", id="pruner-option"),
+    pytest.param(GOOD_TUNE + "prune_on: test/elbo",
+                 "tune.prune_on: 'test/elbo': the pruner watches a per-epoch validation metric", id="prune-on-test"),
+    pytest.param(GOOD_TUNE + "enqueue: [{lr: 1.0}]", "tune.enqueue[0].lr: 1.0 is outside [0.0001, 0.01]",
+                 id="enqueue-outside"),
+]
+
+
+@pytest.mark.parametrize("tune,expected", BAD_TUNE)
+def test_bad_tune_sections_name_the_key(write_yaml, capsys: pytest.CaptureFixture, tune: str,
+                                        expected: str) -> None:
+    path = experiment_file(write_yaml, tune)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert expected in str(info.value) and str(path) in str(info.value)
+    assert cli.main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid experiments file" in err and expected in err
+
+
+def test_tune_without_a_tune_section(write_yaml, capsys: pytest.CaptureFixture) -> None:
+    path = write_yaml(BASE.format(epochs=1))
+    assert load_experiment(path).tune is None
+    assert cli.main(["tune", str(path)]) == 2
+    assert "no `tune:` section" in capsys.readouterr().err
+
+
+def test_good_tune_section_is_typed(write_yaml) -> None:
+    path = experiment_file(write_yaml, GOOD_TUNE + "  latent_dim: {low: 2, high: 8}\n  beta: {low: 1, high: 4}\n"
+                           "  arch_options.mlp.hidden: {choices: [[32], [64, 64]]}\n"
+                           "  kl_anneal.epochs: {low: 0, high: 3}")
+    t = load_experiment(path).tune
+    kinds = {k: p.type for k, p in t.space.items()}
+    # whole-number settings sample ints; float settings sample floats even with integer bounds
+    assert kinds == {"lr": "float", "latent_dim": "int", "beta": "float",
+                     "arch_options.mlp.hidden": "categorical", "kl_anneal.epochs": "int"}
+    assert t.objectives == ["test/elbo"] and t.pruner_name == "median" and t.sampler == "tpe"
