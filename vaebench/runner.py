@@ -212,7 +212,7 @@ def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_i
         if run_id is None:
             run_id = tracking.start_run(tracker, spec.name, {
                 tracking.TAG_KIND: "cell", tracking.TAG_RUN_KEY: spec.key,
-                **{axis: _tag_value(v) for axis, v in spec.axes.items()}}, parent_id)
+                **{axis: tracking.tag_value(v) for axis, v in spec.axes.items()}}, parent_id)
         else:
             tracker.client.update_run(run_id, status="RUNNING")
             tracking.set_tags(tracker, run_id, {"vaebench.resumed_from_epoch": resume["epoch"]})
@@ -375,7 +375,3 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
         echo(f"{prefix}: {result.status} in {result.seconds:.1f}s" +
              (f" - {result.error}" if result.error else _headline(result.metrics)))
     return Summary(results)
-
-
-def _tag_value(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (dict, list)) else str(v)

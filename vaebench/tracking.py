@@ -149,6 +149,13 @@ def logged_steps(tracker: Tracker, run_id: str, key: str) -> set[int]:
     return {m.step for m in tracker.client.get_metric_history(run_id, key)}
 
 
+def tag_value(v: Any) -> str:
+    """An axis value as a tag: lists and dicts in YAML flow style (`[64, 128]`), the rest as str()."""
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (dict, list)) else str(v)
+
+
 def set_tags(tracker: Tracker, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 

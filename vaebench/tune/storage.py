@@ -1,0 +1,128 @@
+"""Where a study lives and how it searches: the sampler and pruner registries (names in the YAML
+-> Optuna classes), building them from `tune:`, and the Optuna storage (its URL, resolved next to
+the MLflow store by default, and opening it with heartbeats so dead trials get failed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from vaebench.config import Experiment, TuneSettings
+
+if TYPE_CHECKING:
+    from vaebench.tune.space import Dimension
+
+# Registries: name in the YAML -> class in optuna.samplers / optuna.pruners. CmaEsSampler is left
+# out on purpose: it needs the separate `cmaes` package, which vaebench does not install.
+SAMPLERS: dict[str, str] = {
+    "tpe": "TPESampler",        # default; handles single and multi-objective studies
+    "random": "RandomSampler",
+    "grid": "GridSampler",      # every combination of a categorical-only space
+    "gp": "GPSampler",          # Gaussian-process Bayesian optimisation (good for few trials)
+    "qmc": "QMCSampler",        # quasi-Monte Carlo (Sobol) space filling
+    "nsgaii": "NSGAIISampler",  # genetic, for multi-objective studies
+}
+PRUNERS: dict[str, str] = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+RESERVED_OPTIONS = {"seed": "set it with tune.seed", "search_space": "the grid is tune.space"}
+
+HEARTBEAT_SECONDS = 30  # RDB storages: a trial whose process stopped beating for 2x this is failed
+
+
+def check_options(what: str, name: str, options: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """Problems with `tune.sampler_options` / `tune.pruner_options` (for the config loader):
+    unknown or reserved keys, and values the Optuna class rejects."""
+    import inspect
+
+    import optuna
+
+    cls = getattr(optuna.samplers if what == "sampler" else optuna.pruners,
+                  (SAMPLERS if what == "sampler" else PRUNERS)[name])
+    allowed = [p for p in inspect.signature(cls).parameters if p not in RESERVED_OPTIONS]
+    out: list[tuple[str | None, str]] = []
+    for key in options:
+        if key in RESERVED_OPTIONS:
+            out.append((key, f"set by vaebench ({RESERVED_OPTIONS[key]})"))
+        elif key not in allowed:
+            out.append((key, f"unknown {name} option; allowed: {', '.join(allowed) or 'none'}"))
+    if not out and name != "grid":
+        try:
+            quiet(lambda: cls(**options))
+        except (TypeError, ValueError) as e:
+            out.append((None, f"{cls.__name__} rejects {options}: {e}"))
+    return out
+
+
+def quiet(fn: Callable[[], Any]) -> Any:
+    """`fn()` without Optuna's ExperimentalWarning."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return fn()
+
+
+def make_sampler(tune: TuneSettings, dims: list[Dimension], seed: int | None) -> Any:
+    import optuna
+
+    kwargs = dict(tune.sampler_options)
+    if tune.sampler == "grid":
+        kwargs["search_space"] = {d.key: d.optuna_choices for d in dims}
+    return quiet(lambda: getattr(optuna.samplers, SAMPLERS[tune.sampler])(seed=seed, **kwargs))
+
+
+def make_pruner(tune: TuneSettings) -> Any:
+    import optuna
+
+    return getattr(optuna.pruners, PRUNERS[tune.pruner_name])(**tune.pruner_options)
+
+
+def sampler_seed(seed: int | None, n_existing: int, worker: int) -> int | None:
+    """The sampler's seed, derived from tune.seed, the trials already in the study and the worker:
+    a resumed study (or a second worker) does not replay the same first suggestions."""
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, n_existing, worker]).generate_state(1)[0])
+
+
+def resolved_storage(exp: Experiment) -> str:
+    """`tune.storage` (relative sqlite paths are relative to the experiments file), else
+    `optuna.db` next to the MLflow SQLite store (or next to the experiments file)."""
+    url = exp.tune.storage
+    if url:
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url[len("sqlite:///"):]
+            if rel != ":memory:":
+                url = "sqlite:///" + str((exp.base_dir / rel).resolve())
+        return url
+    uri = exp.resolved_tracking_uri()
+    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") and ":memory:" not in uri \
+        else exp.base_dir
+    return "sqlite:///" + str((folder / "optuna.db").resolve())
+
+
+def storage_display(url: str) -> str:
+    """The storage URL without its password (it goes into MLflow tags and the console)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show it as given
+        return url
+
+
+def open_storage(url: str, on_stale: Callable | None = None) -> Any:
+    """An RDB storage with heartbeats: a trial whose process died (on any machine) is failed by
+    the next worker once its heartbeat is stale."""
+    import optuna
+
+    engine_kwargs = None
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
+    return quiet(lambda: optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+        heartbeat_stale_trial_callback=on_stale))

@@ -1,0 +1,146 @@
+"""Running trials: `optimize` (the study's trials in this process), the spawned worker processes
+of `--jobs N` that share the study through its storage, and cleaning up after processes that died
+mid-trial (orphans of this machine at once, other machines' once their heartbeat is stale)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+from vaebench.tune.plan import Plan, open_study
+from vaebench.tune.storage import quiet
+from vaebench.tune.trial import ATTR_RUN_ID, ATTR_WORKER, TAG_TRIAL_STATE, Objective, trial_line
+
+Printer = Callable[[str], None]
+
+
+def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker: int = 0,
+             echo: Printer = print) -> None:
+    """Run up to `n_trials` trials (or until `timeout`) of the study in this process."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from vaebench import tracking
+
+    tracker = tracking.connect(plan.tracking_uri, plan.exp.name)
+    study = open_study(plan, worker=worker, on_stale=StaleRunCloser(plan.tracking_uri, plan.exp.name))
+    callbacks = [lambda study, t: echo(trial_line(plan, t))]
+    if plan.n_trials is not None:  # the study's total, whoever runs the trials (other machines too)
+        callbacks.append(MaxTrialsCallback(plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    quiet(lambda: study.optimize(Objective(plan, tracker, worker), n_trials=n_trials, timeout=timeout,
+                                 catch=(Exception,), callbacks=callbacks, gc_after_trial=True))
+
+
+class StaleRunCloser:
+    """Heartbeat callback: when Optuna fails a trial whose process stopped beating, end its
+    MLflow run too (FAILED, tagged) instead of leaving it RUNNING forever."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        _close_orphan_run(self.tracking_uri, self.experiment, trial, "its worker stopped sending heartbeats")
+
+
+def _close_orphan_run(tracking_uri: str, experiment: str, trial: Any, why: str) -> None:
+    from vaebench import tracking
+
+    run_id = trial.user_attrs.get(ATTR_RUN_ID)
+    if not run_id:
+        return
+    tracker = tracking.connect(tracking_uri, experiment)
+    tracking.set_tags(tracker, run_id, {TAG_TRIAL_STATE: "FAIL", tracking.TAG_ERROR: why})
+    tracking.finish(tracker, run_id, "FAILED")
+
+
+def fail_orphans(study: Any, plan: Plan, echo: Printer) -> list[int]:
+    """Trials left RUNNING by a process of this machine that no longer exists (killed, crashed):
+    mark them FAIL now, rather than waiting for their heartbeat to go stale. Trials of other
+    machines are left to the heartbeat."""
+    from optuna.trial import TrialState
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+        if host != platform.node() or _alive(pid):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        _close_orphan_run(plan.tracking_uri, plan.exp.name, t, "its process ended without finishing it")
+        failed.append(t.number)
+        echo(f"trial {t.number}: its process ({pid}) is gone; marked FAIL")
+    return failed
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        pid = int(pid)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OSError):
+        return True  # someone else's process, or no pid recorded: assume alive
+    try:  # a zombie (killed, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int, threads: int,
+            queue: Any) -> None:
+    """Entry point of a spawned worker process."""
+    import sys
+
+    import optuna
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: queue.put(f"[worker {worker}] {line}"))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs: int,
+                echo: Printer) -> list[int]:
+    """N spawned processes share the study through its storage; each runs its share of the
+    remaining trials. Returns the workers' exit codes."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    lines = ctx.Queue()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // n_jobs)
+    shares = [None] * n_jobs if remaining is None else \
+        [remaining // n_jobs + (1 if i < remaining % n_jobs else 0) for i in range(n_jobs)]
+    procs = [ctx.Process(target=_worker, args=(plan, share, timeout, i, threads, lines),
+                         name=f"vaebench-tune-{i}", daemon=False)
+             for i, share in enumerate(shares) if share != 0]
+    echo(f"{len(procs)} worker processes, {threads} torch thread(s) each")
+    for p in procs:
+        p.start()
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                echo(lines.get(timeout=0.2) if block else lines.get_nowait())
+            except queue_mod.Empty:
+                return
+
+    try:
+        while any(p.is_alive() for p in procs):
+            drain(block=True)
+    except KeyboardInterrupt:
+        for p in procs:  # they got the same Ctrl-C; give them time to record their trials
+            p.join(timeout=15)
+            if p.is_alive():
+                p.terminate()
+        raise
+    finally:
+        for p in procs:
+            p.join()
+        drain(block=False)
+    return [p.exitcode for p in procs]
