@@ -84,3 +84,18 @@ def test_device_auto_is_cpu_here_and_cuda_is_checked() -> None:
             resolve_device("cuda:0")
         assert resolve_device("auto").type in {expected, "mps"}
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_should_stop_interrupts_between_batches(tmp_path) -> None:
+    data = load_dataset("digits", tmp_path)
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 10  # after 10 batches (512 samples / 64 = 8 per epoch: inside epoch 1)
+
+    epochs_done = []
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(), data, progress=False, should_stop=should_stop,
+              on_epoch_end=lambda e, m, c: epochs_done.append(e))
+    assert epochs_done == [0] and len(polls) == 11

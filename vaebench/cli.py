@@ -7,10 +7,13 @@ flags), 130 interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -31,12 +34,36 @@ def _only(args: argparse.Namespace) -> dict[str, list[Any]]:
     return parse_only(args.only or [])
 
 
+@contextlib.contextmanager
+def graceful_interrupt() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks the sweep to stop at the next batch boundary (checkpoints stay
+    consistent, the run is marked KILLED and resumes later); a second one interrupts at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        _err("\nstopping at the end of the current batch (Ctrl-C again to stop at once)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield stop.is_set
+        return
+    try:
+        yield stop.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vaebench.runner import run_experiment
 
     exp = _load(args)
-    summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs,
-                             progress=not args.no_progress, echo=print)
+    with graceful_interrupt() as should_stop:
+        summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs,
+                                 progress=not args.no_progress, echo=print, should_stop=should_stop)
     for line in summary.lines():
         print(line)
     return summary.exit_code

@@ -104,10 +104,12 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None, force: bool = False,
-                   jobs: int = 1, progress: bool = True, echo: Printer = print) -> Summary:
+                   jobs: int = 1, progress: bool = True, echo: Printer = print,
+                   should_stop: Callable[[], bool] | None = None) -> Summary:
     """Train and evaluate every selected cell that has no finished run (all with `force`), in this
-    process or in `jobs` worker processes; returns the summary. Ctrl-C marks the running cells and
-    the parent run KILLED (resumable) and propagates."""
+    process or in `jobs` worker processes; returns the summary. A KeyboardInterrupt (or
+    `should_stop()` turning true, polled between batches and cells) marks the running cells and the
+    parent run KILLED (resumable) and propagates as KeyboardInterrupt."""
     from tqdm.auto import tqdm
 
     specs = select(expand(exp), only or {})
@@ -132,7 +134,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     status = "FINISHED"
     try:
         bar = tqdm(total=len(todo), desc="cells", unit="run", disable=not progress or not todo)
-        for i, result in enumerate(_execute(exp, todo, tracker, parent_id, jobs, progress)):
+        for i, result in enumerate(_execute(exp, todo, tracker, parent_id, jobs, progress, should_stop)):
             results.append(result)
             bar.update()
             echo(f"[{i + 1}/{len(todo)}] {result.spec.name}: {result.status} in {result.seconds:.1f}s" +
@@ -151,12 +153,16 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
 
 
 def _execute(exp: Experiment, todo: list[tuple[RunSpec, str | None]], tracker: tracking.Tracker,
-             parent_id: str, jobs: int, progress: bool) -> Iterator[CellResult]:
+             parent_id: str, jobs: int, progress: bool,
+             should_stop: Callable[[], bool] | None) -> Iterator[CellResult]:
     """Run the cells in this process (jobs=1), or in a pool of `jobs` processes (spawned: CUDA-safe)
     that split the CPU threads between them; yields results as cells finish."""
     if jobs <= 1 or len(todo) <= 1:
         for spec, resume_id in todo:
-            yield run_cell(exp, spec, tracker, parent_id, resume_run_id=resume_id, progress=progress)
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt("stop requested")
+            yield run_cell(exp, spec, tracker, parent_id, resume_run_id=resume_id, progress=progress,
+                           should_stop=should_stop)
         return
     import multiprocessing
     import os
@@ -179,15 +185,25 @@ _WORKER: dict[str, Any] = {}  # per worker process: its tracker, reused across c
 
 
 def _init_worker(threads: int) -> None:
+    import signal
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly.
+    _WORKER["stop"] = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: _WORKER["stop"].set())
 
 
 def _cell_in_worker(exp: Experiment, spec: RunSpec, uri: str, parent_id: str, resume_id: str | None) -> CellResult:
     if "tracker" not in _WORKER:
         _WORKER["tracker"] = tracking.connect(uri, exp.name)
-    return run_cell(exp, spec, _WORKER["tracker"], parent_id, resume_run_id=resume_id, progress=False)
+    stop = _WORKER["stop"]
+    if stop.is_set():
+        raise KeyboardInterrupt("stop requested")
+    return run_cell(exp, spec, _WORKER["tracker"], parent_id, resume_run_id=resume_id, progress=False,
+                    should_stop=stop.is_set)
 
 
 def _headline(metrics: dict[str, float]) -> str:
@@ -196,7 +212,8 @@ def _headline(metrics: dict[str, float]) -> str:
 
 
 def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_id: str | None, *,
-             resume_run_id: str | None = None, progress: bool = True) -> CellResult:
+             resume_run_id: str | None = None, progress: bool = True,
+             should_stop: Callable[[], bool] | None = None) -> CellResult:
     """Train and evaluate one cell in its own MLflow run (continuing `resume_run_id` from its last
     checkpoint when given). Errors are recorded on the run and returned, never raised, except a
     KeyboardInterrupt, which marks the run KILLED (resumable) and propagates."""
@@ -216,7 +233,7 @@ def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_i
         else:
             tracker.client.update_run(run_id, status="RUNNING")
             tracking.set_tags(tracker, run_id, {"vaebench.resumed_from_epoch": resume["epoch"]})
-        metrics = _train_and_log(exp, spec, tracker, run_id, resume, progress)
+        metrics = _train_and_log(exp, spec, tracker, run_id, resume, progress, should_stop)
         tracking.finish(tracker, run_id, "FINISHED")
         return CellResult(spec, "resumed" if resume else "trained", run_id, time.perf_counter() - t0, metrics=metrics)
     except KeyboardInterrupt:
@@ -233,7 +250,8 @@ def run_cell(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, parent_i
 
 
 def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, run_id: str,
-                   resume: dict | None, progress: bool) -> dict[str, float]:
+                   resume: dict | None, progress: bool,
+                   should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     from vaebench.data import load_dataset
     from vaebench.train import train
 
@@ -258,7 +276,8 @@ def _train_and_log(exp: Experiment, spec: RunSpec, tracker: tracking.Tracker, ru
             if epoch not in already:
                 tracking.log_metrics(tracker, run_id, metrics, step=epoch)
 
-    result = train(s, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
+    result = train(s, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress,
+                   should_stop=should_stop)
     return log_trained(exp, s, data, result, tracker, run_id)
 
 

@@ -70,7 +70,11 @@ def log_sigma_of(model: AutoEncoder, settings: RunSettings, like: Tensor) -> Ten
 
 
 def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None = None,
-          on_epoch_end: EpochCallback | None = None, progress: bool = True) -> TrainResult:
+          on_epoch_end: EpochCallback | None = None, progress: bool = True,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train `settings` on `data` (continuing `resume`, a checkpoint from `on_epoch_end`).
+    `should_stop` is polled before every batch: when it says so, KeyboardInterrupt is raised there,
+    at a clean point (a graceful Ctrl-C), and the run continues from its last checkpoint later."""
     from tqdm.auto import tqdm
 
     device = resolve_device(settings.device)
@@ -108,6 +112,8 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
         sums = torch.zeros(3, device=device)  # loss, recon, kl summed over samples
         perm = torch.randperm(len(train_split), generator=shuffle_gen).to(device)
         for b in range(n_batches):
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt("stop requested")
             index = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
             x = train_split.batch(index, noise_gen)  # (B, C, H, W) in [0, 1]
             weight = kl_anneal_weight(anneal.schedule, epoch + b / n_batches, anneal.epochs,
