@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast ls ui report clean
+.PHONY: setup chromium demo test test-fast ls ui report clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,16 @@ setup: $(BIN)/.installed          ## install vaebench and its test extras into .
 demo: setup                       ## the main job: train, evaluate and log every cell of experiments.yaml
 	$(BIN)/vaebench run experiments.yaml
 
-test: setup                       ## the whole suite, slow tests included (what CI runs)
+# The browser tests open the report and the MLflow UI in Debian's headless chromium: installed
+# with apt when missing (as root; otherwise it says what to run).
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "chromium is missing: sudo apt-get install -y chromium" >&2; exit 1; fi; \
+	  echo "installing chromium (apt)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: setup chromium              ## the whole suite, slow and browser tests included (what CI runs)
 	$(BIN)/python -m pytest
 
 test-fast: setup                  ## everything but the `slow` tests
@@ -24,6 +33,9 @@ test-fast: setup                  ## everything but the `slow` tests
 
 ls: setup
 	$(BIN)/vaebench ls experiments.yaml
+
+report: setup                     ## rebuild reports/vaebench-demo.html from what is in MLflow
+	$(BIN)/vaebench report experiments.yaml
 
 ui: setup                         ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/vaebench ui experiments.yaml

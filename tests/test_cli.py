@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,7 +88,8 @@ def test_ui_serves_the_project_store_on_loopback(tiny_file: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "ui", str(tiny_file), "--port", str(port)],
-                            cwd=tiny_file.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tiny_file.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline, body = time.time() + 90, ""
         while time.time() < deadline and proc.poll() is None:
@@ -99,12 +101,17 @@ def test_ui_serves_the_project_store_on_loopback(tiny_file: Path) -> None:
                 time.sleep(0.5)
         assert body.strip() == "OK", f"MLflow UI did not come up: {proc.poll()}"
         assert (tiny_file.parent / "mlruns.db").exists(), "the UI opened the store next to the file"
+        # `vaebench ui` became the server itself: SIGTERM to it stops its worker children too
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        time.sleep(1)
+        leftovers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert not leftovers, f"server processes left behind: {leftovers}"
     finally:
-        proc.terminate()
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its process group
+        except ProcessLookupError:
+            pass
 
 
 def test_unreachable_tracking_server_is_a_clear_error(tiny_file: Path, capsys: pytest.CaptureFixture,

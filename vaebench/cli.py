@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 from typing import Any, Callable, Iterator
@@ -66,7 +65,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress, echo=print, should_stop=should_stop)
     for line in summary.lines():
         print(line)
+    _write_report(exp, args.file)
     return summary.exit_code
+
+
+def _write_report(exp: Any, file: str) -> None:
+    """The report after a sweep or a study; its failure never fails the runs (they are safe in
+    MLflow, and `vaebench report` rebuilds it)."""
+    try:
+        from vaebench.report import build_report
+
+        print(f"report written to {build_report(exp)}")
+    except Exception as e:  # noqa: BLE001
+        _err(f"warning: could not write the report ({type(e).__name__}: {e}); "
+             f"rebuild it with `vaebench report {file}`")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -82,8 +94,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from vaebench.tune import tune_experiment
 
-    return tune_experiment(_load(args), n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
+    exp = _load(args)
+    code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
                            export=args.export, echo=print)
+    _write_report(exp, args.file)
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -127,11 +142,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is a server: open {uri}")
         return EXIT_OK
-    # one worker: a single user on a laptop, not a team server (MLflow's default is 4)
+    # One worker and no background job runners: a single user on a laptop, not a team server
+    # (MLflow's defaults start 4 workers and 8 job processes, ~2 GB). The server replaces this
+    # process, so stopping it (Ctrl-C, a signal) stops the whole server, children included.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop")
-    return subprocess.call(cmd)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    return EXIT_OK  # not reached
 
 
 def _positive_int(text: str) -> int:
