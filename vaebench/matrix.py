@@ -118,15 +118,23 @@ def _make_spec(exp: Experiment, axes: dict[str, Any], origin: tuple) -> RunSpec:
     return RunSpec(settings=settings, axes=axes, key=run_key(settings), name=run_name(settings, axes))
 
 
+def setting_value(spec: RunSpec, key: str) -> Any:
+    """The cell's resolved value of a setting name or dotted path."""
+    dumped = spec.settings.model_dump(mode="json")
+    return flatten(dumped).get(key, dumped.get(key))
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality as a user writes values in YAML: `4` equals `4.0`, `true` is not `1`."""
+    if _is_num(a) and _is_num(b):
+        return float(a) == float(b)
+    return a == b
+
+
 def _matches(spec: RunSpec, rule: dict[str, Any]) -> bool:
     """An exclude rule matches when every key equals the cell's resolved value (so `beta: 4`
     matches a cell with beta 4.0)."""
-    flat = flatten(spec.settings.model_dump(mode="json"))
-    for key, want in rule.items():
-        have = flat.get(key, spec.settings.model_dump(mode="json").get(key))
-        if have != want and not (_is_num(have) and _is_num(want) and float(have) == float(want)):
-            return False
-    return True
+    return all(same_value(setting_value(spec, key), want) for key, want in rule.items())
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

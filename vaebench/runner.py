@@ -13,7 +13,7 @@ import yaml
 
 from vaebench import tracking
 from vaebench.config import Experiment, RunSettings
-from vaebench.matrix import RunSpec, expand, flatten
+from vaebench.matrix import RunSpec, expand, same_value, setting_value
 
 if TYPE_CHECKING:  # annotations only: runner imports torch lazily
     from vaebench.data import Dataset
@@ -83,21 +83,15 @@ def parse_only(items: list[str]) -> dict[str, list[Any]]:
 def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:
     if not only:
         return specs
-    chosen = [s for s in specs if all(any(_equal(_value(s, k), v) for v in vs) for k, vs in only.items())]
+    chosen = [s for s in specs if all(any(_selects(setting_value(s, k), v) for v in vs) for k, vs in only.items())]
     if not chosen:
         raise SelectionError(f"no cell of the matrix matches --only {only}")
     return chosen
 
 
-def _value(spec: RunSpec, key: str) -> Any:
-    dumped = spec.settings.model_dump(mode="json")
-    return flatten(dumped).get(key, dumped.get(key))
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b or str(a) == str(b)
+def _selects(have: Any, want: Any) -> bool:
+    # on the command line everything is text: `--only kl_anneal.schedule=none` etc.
+    return same_value(have, want) or str(have) == str(want)
 
 
 # --- running -----------------------------------------------------------------------------------
