@@ -208,7 +208,7 @@ def test_full_mnist() -> None:
     assert (torch.bincount(ds.train.y) + torch.bincount(ds.val.y)).tolist() == train_counts
     assert torch.bincount(ds.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert ((torch.bincount(ds.val.y).double() / torch.tensor(train_counts) - 0.1).abs() < 1e-3).all()
-    assert ds.source == str(FULL_MNIST_ROOT / "MNIST" / "raw")
+    assert Path(ds.source).resolve() == (FULL_MNIST_ROOT / "MNIST" / "raw").resolve()
 
 
 # --- embedded datasets --------------------------------------------------------------------------
