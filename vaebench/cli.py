@@ -60,9 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vaebench.runner import run_experiment
 
     exp = _load(args)
+    from tqdm.auto import tqdm
+
     with graceful_interrupt() as should_stop:
+        # tqdm.write keeps the per-cell lines above the progress bars instead of through them
         summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs,
-                                 progress=not args.no_progress, echo=print, should_stop=should_stop)
+                                 progress=not args.no_progress, echo=tqdm.write, should_stop=should_stop)
     for line in summary.lines():
         print(line)
     _write_report(exp, args.file)
