@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -25,11 +26,28 @@ matrix:
 """
 
 
+ISOLATED_ENV = ("MLFLOW_TRACKING_URI", "VAEBENCH_DATA_DIR")
+
+
+def _clear_env() -> dict[str, str]:
+    return {name: os.environ.pop(name) for name in ISOLATED_ENV if name in os.environ}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_session_env() -> Iterator[None]:
+    # Tests never pick up a developer's tracking server or data dir (module-scoped fixtures,
+    # which are set up before the function-scoped ones below, included).
+    saved = _clear_env()
+    yield
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tests never pick up a developer's tracking server or data dir.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("VAEBENCH_DATA_DIR", raising=False)
+def _isolated_env() -> Iterator[None]:
+    # Undo what a test leaves behind too: `mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI
+    # into os.environ, which monkeypatch.delenv would not restore for a variable that was unset.
+    yield
+    _clear_env()
 
 
 @pytest.fixture

@@ -62,17 +62,7 @@ def quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean_env() -> Any:
-    """conftest's environment isolation for module-scoped fixtures, which are set up before it
-    (and `mlflow.set_tracking_uri` in other test modules leaks MLFLOW_TRACKING_URI into os.environ)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("VAEBENCH_DATA_DIR", raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, clean_env: None) -> dict[str, Any]:
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("report-study")
     path = folder / "experiments.yaml"
     path.write_text(textwrap.dedent(STUDY).lstrip())
