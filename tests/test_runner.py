@@ -53,6 +53,8 @@ def test_sweep_logs_params_tags_metrics_and_artifacts(tiny_file: Path) -> None:
     history = client.get_metric_history(vae["run_id"], "train/loss")
     assert sorted(m.step for m in history) == [0, 1]
     assert len(client.get_metric_history(vae["run_id"], "val/loss")) == 2
+    for key in ("test/elbo", "test/recon_mse", "effective_beta", "train/seconds"):
+        assert len(client.get_metric_history(vae["run_id"], key)) == 1, f"{key} logged more than once"
     # the final checkpoint loads with weights_only=True and rebuilds the model
     tracker = tracking.connect(mlflow.get_tracking_uri(), "tiny")
     saved = tracking.load_torch(tracker, vae["run_id"], tracking.MODEL_PATH)

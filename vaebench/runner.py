@@ -286,9 +286,10 @@ def log_trained(exp: Experiment, s: RunSettings, data: Dataset, result: TrainRes
     tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "settings": s.model_dump(mode="json"), "in_shape": list(result.model.in_shape)})
+    tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
+    # evaluate_and_log logs its own metrics: returned here, not logged a second time
     final.update(evaluate_and_log(exp, s, result.model, data, result.history, tracker, run_id,
                                   step=result.epochs_run))
-    tracking.log_metrics(tracker, run_id, final, step=result.epochs_run)
     return final
 
 
@@ -306,8 +307,9 @@ def evaluate_and_log(exp: Experiment, s: RunSettings, model: AutoEncoder, data: 
     device = next(model.parameters()).device
     opts = dict(image_size=s.image_size, binarization=s.binarization)
     test = to_device(data.test, device, **opts)
-    train = to_device(data.train, device, **opts)
     protocol = exp.evaluate
+    # the training split is only needed to fit the kNN / probe and for the pixel baseline
+    train = to_device(data.train, device, **opts) if protocol.clustering else None
     evaluation = evaluate(model, test, s, protocol, train=train, num_classes=data.num_classes)
     c, h, w = test.shape
     final = {f"test/{k}": v for k, v in evaluation.metrics.items()}
