@@ -26,7 +26,7 @@ from torch import Tensor
 from vaebench.batches import DeviceSplit
 from vaebench.config import EvaluateSettings, RunSettings
 from vaebench.losses import LIKELIHOODS, LOG_2PI, kl_per_dim
-from vaebench.models import AutoEncoder
+from vaebench.models import AutoEncoder, Posterior
 from vaebench.train import log_sigma_of
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015
@@ -73,10 +73,11 @@ def importance_weighted(log_px: Callable[[Tensor], Tensor], mean: Tensor, logvar
 
 
 def iw_nll(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: int = 50_000,
-           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+           generator: torch.Generator | None = None, posterior: Posterior | None = None) -> tuple[Tensor, Tensor]:
     """-log p(x) (IWAE, k samples) and the k-sample ELBO per image, (B,) each. At most `chunk`
-    images are decoded at once, so memory stays bounded for any k and batch size."""
-    post = model.encode(x)
+    images are decoded at once, so memory stays bounded for any k and batch size. Pass the
+    `posterior` of x when the caller has already encoded it."""
+    post = posterior if posterior is not None else model.encode(x)
     b = x.shape[0]
     log_sigma = log_sigma_of(model, settings, x)
     nll_fn = LIKELIHOODS[settings.likelihood]
@@ -137,7 +138,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         if model.stochastic:
             kl = kl_per_dim(post.mean, post.logvar)  # (B, K)
             kl_dims = kl.sum(0) if kl_dims is None else kl_dims + kl.sum(0)
-            nll, elbo = iw_nll(model, x, settings, k, protocol.iw_chunk, gen)
+            nll, elbo = iw_nll(model, x, settings, k, protocol.iw_chunk, gen, posterior=post)
             sums["nll_iw"] += nll.sum().item()
             sums["elbo"] += elbo.sum().item()
         n += x.shape[0]
