@@ -44,14 +44,16 @@ class DeviceSplit:
         s = self.image_size
         return (c, s, s) if s and not self.binary else (c, h, w)
 
-    def batch(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Float batch in [0, 1], (B, C, S, S), on the split's device."""
+    def batch(self, index: Tensor, uniform: Tensor | None = None) -> Tensor:
+        """Float batch in [0, 1], (B, C, S, S), on the split's device. Dynamic binarization thresholds
+        `uniform` (U(0, 1) draws of the batch's shape: the trainer's, from the run's own stream), or
+        draws from torch's global generator when none is given (evaluation, figures)."""
         x = self.x[index].float().div_(255.0)
         if self.binary:
             return x
         x = resize(x, self.image_size)
         if self.binarization == "dynamic":
-            x = torch.bernoulli(x, generator=generator)
+            x = torch.bernoulli(x) if uniform is None else (uniform < x).to(x.dtype)
         return x
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

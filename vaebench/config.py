@@ -80,6 +80,9 @@ class RunSettings(_Strict):
     max_train_samples: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     device: str = "auto"
+    # How the training step runs: `graphs` captures it once in a CUDA graph and replays it; `off`
+    # runs it eagerly; `auto` = graphs on CUDA, off elsewhere (there are no graphs to capture).
+    compile: Literal["auto", "off", "graphs"] = "auto"
 
     @field_validator("dataset")
     @classmethod

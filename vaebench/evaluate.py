@@ -27,7 +27,7 @@ from vaebench.batches import DeviceSplit
 from vaebench.config import EvaluateSettings, RunSettings
 from vaebench.losses import LIKELIHOODS, LOG_2PI, kl_per_dim
 from vaebench.models import AutoEncoder, Posterior
-from vaebench.train import log_sigma_of
+from vaebench.step import log_sigma_of
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015
 STOCHASTIC_ONLY = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units")

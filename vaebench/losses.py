@@ -11,12 +11,17 @@ its *effective beta*. The batch loss is the mean over the batch in both cases.
 
 The reconstruction and KL terms are returned per sample (shape (B,)) in nats per image whatever the
 reduction, so that they compare across runs; only `loss` carries the run's own reduction.
+
+`weighted_objective` is the same objective with the reduction and beta already turned into the two
+weights it applies (recon_scale = 1 or 1/D, kl_coef = beta * annealing factor); they may be tensors,
+which is how one call under `torch.func.vmap` trains every member of a packed group with its own.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +47,33 @@ def gaussian_nll(logits: Tensor, x: Tensor, log_sigma: Tensor | None = None) -> 
 LIKELIHOODS = {"bernoulli": bernoulli_nll, "gaussian": gaussian_nll}
 
 
-def recon_nll(logits: Tensor, x: Tensor, likelihood: str, log_sigma: Tensor | None = None) -> Tensor:
+class LikelihoodMix(NamedTuple):
+    """Several likelihoods in one call: each sample set uses `names[index]` (a packed group whose
+    members differ in likelihood; under vmap `index` is each member's own)."""
+
+    names: tuple[str, ...]
+    index: Tensor  # () int64
+
+
+Likelihood = Union[str, LikelihoodMix]
+
+
+def recon_nll(logits: Tensor, x: Tensor, likelihood: Likelihood, log_sigma: Tensor | None = None) -> Tensor:
     """Reconstruction term summed over the D pixel values: -log p(x|z) in nats per image, (B,)."""
+    if isinstance(likelihood, LikelihoodMix):
+        each = torch.stack([recon_nll(logits, x, name, log_sigma) for name in likelihood.names])  # (L, B)
+        return each.gather(0, likelihood.index.expand(1, each.shape[1])).squeeze(0)
     return LIKELIHOODS[likelihood](logits, x, log_sigma).flatten(1).sum(1)
 
 
 def kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) per latent dim, (B, K) (Kingma & Welling 2014, app. B)."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def reduction_scale(reduction: str, num_pixels: int) -> float:
+    """The weight of the summed reconstruction term: 1 for `sum`, 1/D for `mean`."""
+    return 1.0 / num_pixels if reduction == "mean" else 1.0
 
 
 def effective_beta(beta: float, reduction: str, num_pixels: int) -> float:
@@ -85,7 +109,14 @@ def objective(logits: Tensor, x: Tensor, mean: Tensor, logvar: Tensor | None, *,
               reduction: str, beta: float, kl_weight: float = 1.0,
               log_sigma: Tensor | None = None) -> LossTerms:
     """Per-sample loss terms; the batch loss is `terms.loss.mean()`."""
+    return weighted_objective(logits, x, mean, logvar, likelihood=likelihood, log_sigma=log_sigma,
+                              recon_scale=reduction_scale(reduction, x[0].numel()), kl_coef=beta * kl_weight)
+
+
+def weighted_objective(logits: Tensor, x: Tensor, mean: Tensor, logvar: Tensor | None, *,
+                       likelihood: Likelihood, recon_scale: float | Tensor, kl_coef: float | Tensor,
+                       log_sigma: Tensor | None = None) -> LossTerms:
+    """`objective` with its weights given: loss = recon * recon_scale + kl_coef * KL, per sample."""
     recon = recon_nll(logits, x, likelihood, log_sigma)  # (B,)
-    kl = kl_per_dim(mean, logvar).sum(1) if logvar is not None else recon.new_zeros(recon.shape)
-    recon_term = recon / x[0].numel() if reduction == "mean" else recon
-    return LossTerms(loss=recon_term + beta * kl_weight * kl, recon=recon, kl=kl)
+    kl = kl_per_dim(mean, logvar).sum(1) if logvar is not None else torch.zeros_like(recon)
+    return LossTerms(loss=recon * recon_scale + kl_coef * kl, recon=recon, kl=kl)

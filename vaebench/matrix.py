@@ -2,7 +2,8 @@
 
 A cell's run key is a hash of its canonical resolved settings: the same cell gets the same key
 whatever the ordering or formatting of the YAML (4 vs 4.0, key order, defaults spelled out or
-not). `device` is left out of the key: where a run trains does not change what it is.
+not). `device` and `compile` are left out of the key: where and how a run trains does not change
+what it is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from vaebench.config import Experiment, RunSettings
 
-KEY_EXCLUDES = {"device"}
+KEY_EXCLUDES = {"device", "compile"}  # where and how a run executes, not what it is
 # Short forms for run names, in the order they appear: vae-conv-z16-b4-mean-mnist-s0.
 NAME_PARTS: dict[str, str] = {"model": "{}", "arch": "{}", "latent_dim": "z{}", "beta": "b{}",
                               "reduction": "{}", "dataset": "{}"}

@@ -4,13 +4,19 @@
 checkpoint (model + optimiser + epoch + RNG state + history) to `on_epoch_end`, which the runner
 uses to log and persist, and Optuna to prune. Passing that checkpoint back as `resume` continues
 the run exactly where it stopped.
+
+This is the plain loop: one model, eager, the reference. The packed engine (vaebench.packed) trains
+a group of runs as one stacked model and captures its step in a CUDA graph; it shares with this
+module the step (vaebench.step), the per-run bookkeeping (`Record`: epochs, history, early
+stopping) and the checkpoint format, so either can resume what the other started.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -19,12 +25,13 @@ from torch import Tensor
 from vaebench.batches import DeviceSplit, to_device
 from vaebench.config import RunSettings
 from vaebench.data import Dataset
-from vaebench.losses import effective_beta, kl_anneal_weight, objective
+from vaebench.losses import effective_beta, kl_anneal_weight, reduction_scale
 from vaebench.models import AutoEncoder, build_model
+from vaebench.step import VAL_SEED, Streams, draw_noise, fixed_log_sigma, loss_and_sums
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
-
+VAL_BATCH = 1024
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -52,6 +59,7 @@ class TrainResult:
     stopped_early: bool
     train_seconds: float
     device: torch.device
+    how: dict[str, str] = field(default_factory=dict)  # how it was trained (engine, step, pack): run tags
 
 
 def build_for(settings: RunSettings, shape: tuple[int, int, int]) -> AutoEncoder:
@@ -60,13 +68,77 @@ def build_for(settings: RunSettings, shape: tuple[int, int, int]) -> AutoEncoder
                        learn_sigma=settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned")
 
 
-def log_sigma_of(model: AutoEncoder, settings: RunSettings, like: Tensor) -> Tensor | None:
-    """The Gaussian likelihood's log std-dev: learned, fixed, or None for Bernoulli."""
-    if settings.likelihood != "gaussian":
-        return None
-    if model.log_sigma is not None:
-        return model.log_sigma
-    return like.new_tensor(float(settings.gaussian_sigma)).log()
+def splits_for(settings: RunSettings, data: Dataset, device: torch.device) -> tuple[DeviceSplit, DeviceSplit]:
+    """The training and validation splits of a run on `device`, preprocessed as the run says."""
+    opts = dict(image_size=settings.image_size, binarization=settings.binarization)
+    return (to_device(data.train, device, limit=settings.max_train_samples, **opts),
+            to_device(data.val, device, **opts))
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return max(1, -(-n // batch_size))
+
+
+@dataclass
+class Record:
+    """What one run's training has done so far, whatever trained it: the engine-independent part
+    of a checkpoint (the checkpoint adds model, optimizer and rng)."""
+
+    epoch: int = -1  # last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = -1
+    best_model: dict[str, Tensor] | None = None  # CPU copy of the weights of the best epoch
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> Record:
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls)})
+
+    def checkpoint(self) -> dict[str, Any]:
+        return copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)})
+
+    def done(self, settings: RunSettings) -> bool:
+        return self.stopped_early or self.epoch + 1 >= settings.epochs
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float], seconds: float, settings: RunSettings) -> bool:
+        """Book a finished epoch; True when it is the best so far (the caller keeps its weights).
+
+        Early stopping on the full objective; the warm-up epochs do not count against patience
+        (the objective itself changes while the KL weight ramps up)."""
+        anneal = settings.kl_anneal
+        best = metrics["val/loss"] < self.best_val
+        if best:
+            self.best_val, self.best_epoch, self.bad_epochs = metrics["val/loss"], epoch, 0
+        elif epoch + 1 > anneal.epochs or anneal.schedule == "none":
+            self.bad_epochs += 1
+        if settings.patience is not None and self.bad_epochs >= settings.patience:
+            self.stopped_early = True
+        self.epoch = epoch
+        self.train_seconds += seconds
+        self.history.append(metrics)
+        return best
+
+
+def kl_weights(settings: RunSettings, epoch: int, n_batches: int) -> list[float]:
+    """The KL annealing factor at each step of `epoch`, then at its end (n_batches + 1 values)."""
+    a = settings.kl_anneal
+    return [kl_anneal_weight(a.schedule, epoch + b / n_batches, a.epochs, a.cycles, a.ratio)
+            for b in range(n_batches)] + [kl_anneal_weight(a.schedule, epoch + 1, a.epochs, a.cycles, a.ratio)]
+
+
+def epoch_metrics(sums: list[float], n: int, end_weight: float, eff_beta: float, epoch: int,
+                  settings: RunSettings) -> dict[str, float]:
+    """train/* metrics of an epoch from the summed (loss, recon, kl) over its n samples; raises
+    TrainingDiverged when they are not finite."""
+    loss, recon, kl = (v / n for v in sums)
+    if not all(map(math.isfinite, (loss, recon, kl))):
+        raise TrainingDiverged(f"training loss is not finite at epoch {epoch} ({loss}); "
+                               f"try a smaller lr than {settings.lr}")
+    return {"train/loss": loss, "train/recon": recon, "train/kl": kl,
+            "train/kl_weight": end_weight, "train/effective_beta": eff_beta * end_weight}
 
 
 def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None = None,
@@ -78,131 +150,103 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     from tqdm.auto import tqdm
 
     device = resolve_device(settings.device)
-    torch.manual_seed(settings.seed)
-    shuffle_gen = torch.Generator(device="cpu").manual_seed(settings.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
-
-    opts = dict(image_size=settings.image_size, binarization=settings.binarization)
-    train_split = to_device(data.train, device, limit=settings.max_train_samples, **opts)
-    val_split = to_device(data.val, device, **opts)
+    torch.manual_seed(settings.seed)  # the initialisation; every later draw comes from `streams`
+    streams = Streams(settings.seed, device)
+    train_split, val_split = splits_for(settings, data, device)
     model = build_for(settings, train_split.shape).to(device)
     optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr,
                                                weight_decay=settings.weight_decay)
-    num_pixels = train_split.shape[0] * train_split.shape[1] * train_split.shape[2]
+    shape = train_split.shape
+    num_pixels = math.prod(shape)
     eff_beta = effective_beta(settings.beta, settings.reduction, num_pixels)
+    recon_scale = reduction_scale(settings.reduction, num_pixels)
+    log_sigma = fixed_log_sigma(settings, device)
+    dynamic = train_split.binarization == "dynamic" and not train_split.binary
 
-    state: dict[str, Any] = {"epoch": -1, "history": [], "best_val": float("inf"), "best_epoch": -1,
-                             "best_model": None, "bad_epochs": 0, "train_seconds": 0.0, "stopped_early": False}
+    record = Record()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        _set_rng(resume["rng"], shuffle_gen, noise_gen)
-        state.update({k: resume[k] for k in state})
+        streams.set_state(resume["rng"])
+        record = Record.from_checkpoint(resume)
 
-    anneal = settings.kl_anneal
-    n_batches = max(1, -(-len(train_split) // settings.batch_size))
-    first = state["epoch"] + 1
+    n, batch_size = len(train_split), settings.batch_size
+    n_batches = num_batches(n, batch_size)
+    first = record.epoch + 1
     bar = tqdm(range(first, settings.epochs), desc="epochs", unit="ep", leave=False,
                disable=not progress, initial=first, total=settings.epochs)
     for epoch in bar:
-        if state["stopped_early"]:
+        if record.stopped_early:
             break
         t0 = time.perf_counter()
         model.train()
         sums = torch.zeros(3, device=device)  # loss, recon, kl summed over samples
-        perm = torch.randperm(len(train_split), generator=shuffle_gen).to(device)
+        weights = kl_weights(settings, epoch, n_batches)
+        perm = streams.permutation(n, device)
         for b in range(n_batches):
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt("stop requested")
-            index = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
-            x = train_split.batch(index, noise_gen)  # (B, C, H, W) in [0, 1]
-            weight = kl_anneal_weight(anneal.schedule, epoch + b / n_batches, anneal.epochs,
-                                      anneal.cycles, anneal.ratio)
-            out = model(model.corrupt(x))
-            terms = objective(out.logits, x, out.posterior.mean, out.posterior.logvar,
-                              likelihood=settings.likelihood, reduction=settings.reduction,
-                              beta=settings.beta, kl_weight=weight,
-                              log_sigma=log_sigma_of(model, settings, x))
-            loss = terms.loss.mean()
+            index = perm[b * batch_size:(b + 1) * batch_size]
+            noise = draw_noise(model, streams.noise, len(index), shape, dynamic=dynamic)
+            x = train_split.batch(index, noise.uniform)  # (B, C, H, W) in [0, 1]
+            loss, batch_sums = loss_and_sums(model, x, noise, likelihood=settings.likelihood,
+                                             recon_scale=recon_scale, kl_coef=settings.beta * weights[b],
+                                             log_sigma=log_sigma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                sums += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()])
-        sums = (sums / len(train_split)).tolist()
-        if not all(map(_finite, sums)):
-            raise TrainingDiverged(f"training loss is not finite at epoch {epoch} ({sums[0]}); "
-                                   f"try a smaller lr than {settings.lr}")
-        end_weight = kl_anneal_weight(anneal.schedule, epoch + 1, anneal.epochs, anneal.cycles, anneal.ratio)
-        metrics = {"train/loss": sums[0], "train/recon": sums[1], "train/kl": sums[2],
-                   "train/kl_weight": end_weight, "train/effective_beta": eff_beta * end_weight}
+            sums += batch_sums.detach()
+        metrics = epoch_metrics(sums.tolist(), n, weights[-1], eff_beta, epoch, settings)
         metrics.update(validate(model, val_split, settings))
-        state["train_seconds"] += time.perf_counter() - t0
-        metrics["train/epoch_seconds"] = time.perf_counter() - t0
-
-        # Early stopping on the full objective; the warm-up epochs do not count against patience
-        # (the objective itself changes while the KL weight ramps up).
-        if metrics["val/loss"] < state["best_val"]:
-            state.update(best_val=metrics["val/loss"], best_epoch=epoch, bad_epochs=0,
-                         best_model=_cpu_copy(model.state_dict()))
-        elif epoch + 1 > anneal.epochs or anneal.schedule == "none":
-            state["bad_epochs"] += 1
-        if settings.patience is not None and state["bad_epochs"] >= settings.patience:
-            state["stopped_early"] = True
-        state["epoch"] = epoch
-        state["history"].append(metrics)
+        seconds = time.perf_counter() - t0
+        metrics["train/epoch_seconds"] = seconds
+        if record.end_epoch(epoch, metrics, seconds, settings):
+            record.best_model = _cpu_copy(model.state_dict())
         bar.set_postfix(loss=f"{metrics['train/loss']:.3g}", val=f"{metrics['val/loss']:.3g}")
         if on_epoch_end is not None:
-            checkpoint = {**copy.deepcopy(state), "model": _cpu_copy(model.state_dict()),
-                          "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": _get_rng(shuffle_gen, noise_gen)}
+            checkpoint = {**record.checkpoint(), "model": _cpu_copy(model.state_dict()),
+                          "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": streams.get_state()}
             on_epoch_end(epoch, metrics, checkpoint)
     bar.close()
 
-    if state["best_model"] is not None:
-        model.load_state_dict(state["best_model"])
+    if record.best_model is not None:
+        model.load_state_dict(record.best_model)
     model.eval()
-    return TrainResult(model=model, history=state["history"], best_epoch=state["best_epoch"],
-                       epochs_run=state["epoch"] + 1, stopped_early=state["stopped_early"],
-                       train_seconds=state["train_seconds"], device=device)
+    return TrainResult(model=model, history=record.history, best_epoch=record.best_epoch,
+                       epochs_run=record.epoch + 1, stopped_early=record.stopped_early,
+                       train_seconds=record.train_seconds, device=device,
+                       how={"vaebench.engine": "plain", "vaebench.step": "eager"})
 
 
 @torch.no_grad()
 def validate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
-             batch_size: int = 1024) -> dict[str, float]:
-    """The run's own objective at full KL weight on the validation split, plus -ELBO for VAEs."""
+             batch_size: int = VAL_BATCH) -> dict[str, float]:
+    """The run's own objective at full KL weight on the validation split, plus -ELBO for VAEs.
+    Its noise comes from a fixed-seed generator: every epoch and every run see the same draws."""
     model.eval()
-    sums = torch.zeros(3, device=split.x.device)
-    for x, _ in split.iter_batches(batch_size):
-        out = model(model.corrupt(x))
-        terms = objective(out.logits, x, out.posterior.mean, out.posterior.logvar,
-                          likelihood=settings.likelihood, reduction=settings.reduction, beta=settings.beta,
-                          log_sigma=log_sigma_of(model, settings, x))
-        sums += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()])
-    loss, recon, kl = (sums / len(split)).tolist()
+    device = split.x.device
+    generator = torch.Generator(device=device).manual_seed(VAL_SEED)
+    dynamic = split.binarization == "dynamic" and not split.binary
+    recon_scale = reduction_scale(settings.reduction, math.prod(split.shape))
+    log_sigma = fixed_log_sigma(settings, device)
+    sums = torch.zeros(3, device=device)
+    for start in range(0, len(split), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(split)), device=device)
+        noise = draw_noise(model, generator, len(index), split.shape, dynamic=dynamic)
+        _, batch_sums = loss_and_sums(model, split.batch(index, noise.uniform), noise,
+                                      likelihood=settings.likelihood, recon_scale=recon_scale,
+                                      kl_coef=settings.beta, log_sigma=log_sigma)
+        sums += batch_sums
+    return val_metrics(sums.tolist(), len(split), model.stochastic)
+
+
+def val_metrics(sums: list[float], n: int, stochastic: bool) -> dict[str, float]:
+    loss, recon, kl = (v / n for v in sums)
     metrics = {"val/loss": loss, "val/recon": recon, "val/kl": kl}
-    if model.stochastic:
+    if stochastic:
         metrics["val/neg_elbo"] = recon + kl
     return metrics
 
 
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
-
-
 def _cpu_copy(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-
-
-def _get_rng(shuffle_gen: torch.Generator, noise_gen: torch.Generator) -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng(rng: dict[str, Any], shuffle_gen: torch.Generator, noise_gen: torch.Generator) -> None:
-    torch.set_rng_state(rng["torch"])
-    shuffle_gen.set_state(rng["shuffle"])
-    noise_gen.set_state(rng["noise"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
