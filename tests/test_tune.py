@@ -220,7 +220,8 @@ def trial_states(db: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_process_resumes_from_storage(write_yaml, tmp_path: Path) -> None:
-    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=50)
+    # a trial long enough (seconds) that the kill lands inside it, however fast the machine trains
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=150)
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "tune", str(path)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -64,11 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with graceful_interrupt() as should_stop:
         # tqdm.write keeps the per-cell lines above the progress bars instead of through them
-        summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs,
-                                 progress=not args.no_progress, echo=tqdm.write, should_stop=should_stop)
+        summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs, pack=args.pack,
+                                 eval_workers=args.eval_workers, progress=not args.no_progress,
+                                 echo=tqdm.write, should_stop=should_stop)
     for line in summary.lines():
         print(line)
-    _write_report(exp, args.file)
+    if not args.no_report:
+        _write_report(exp, args.file)
     return summary.exit_code
 
 
@@ -155,6 +157,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return EXIT_OK  # not reached
 
 
+def _pack(text: str) -> str | int:
+    from vaebench.plan import parse_pack
+
+    try:
+        return parse_pack(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--pack {text!r}: ")) from None
+
+
+def _workers(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of processes >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of processes >= 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -187,8 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
     run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
     run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
-                     help="train N cells at once in worker processes (default 1: in this process)")
+                     help="N worker processes, each training its own units (CPU machines: threads split "
+                          "between them; several GPUs: one per GPU). Default 1: this process")
+    run.add_argument("--pack", type=_pack, default="auto", metavar="auto|off|N",
+                     help="train up to N cells that share a step as one stacked model; auto: up to 32 on CUDA, "
+                          "off on the CPU (default auto)")
+    run.add_argument("--eval-workers", type=_workers, default="auto", metavar="auto|N",
+                     help="processes for the CPU part of the evaluation (clustering, figures, uploads) while "
+                          "training goes on; auto: up to 8 on CUDA, 0 (in place) on the CPU")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-report", action="store_true", help="do not write the HTML report afterwards")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,10 +36,23 @@ EVAL_SEED = 0  # the same posterior draws for every run
 
 
 @dataclass
+class Codes:
+    """Posterior means with their labels, what the clustering scores are computed from (numpy, so
+    that they can be scored in another process)."""
+
+    train_z: np.ndarray  # (N, K) the first probe_train_samples training images
+    train_y: np.ndarray  # (N,)
+    test_z: np.ndarray  # (M, K)
+    test_y: np.ndarray  # (M,)
+    num_classes: int
+
+
+@dataclass
 class Evaluation:
     metrics: dict[str, float]                        # metric name (no `test/` prefix) -> value
     kl_per_dim: list[float] = field(default_factory=list)
     not_applicable: tuple[str, ...] = ()
+    codes: Codes | None = None  # set when the protocol scores clustering and they were not scored yet
 
 
 def log_normal_std(z: Tensor) -> Tensor:
@@ -110,9 +124,11 @@ def encode_means(model: AutoEncoder, split: DeviceSplit, batch_size: int = 1000,
 @torch.inference_mode()
 def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
              protocol: EvaluateSettings | None = None, *, train: DeviceSplit | None = None,
-             num_classes: int | None = None, batch_size: int = 500) -> Evaluation:
+             num_classes: int | None = None, batch_size: int = 500, score: bool = True) -> Evaluation:
     """The whole protocol on `test`; clustering scores also need `train` (for the kNN and probe
-    fits) and `num_classes`."""
+    fits) and `num_classes`. With `score=False` the clustering scores are left out and the codes
+    they need are returned instead (`Evaluation.codes`; `score_codes` scores them, on the CPU,
+    where the caller likes: the runner does it in worker processes while the GPU trains on)."""
     protocol = protocol or EvaluateSettings()
     model.eval()
     device = test.x.device
@@ -147,17 +163,16 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
     if settings.model == "dae":
         metrics.update(noisy_recon_mse=sums["noisy_recon_mse"] / n, noisy_recon_bce=sums["noisy_recon_bce"] / n)
     mu = torch.cat(means)  # (N, K)
+    codes = None
     if protocol.clustering and train is not None and num_classes:
-        from vaebench.clustering import cluster_scores
-
         train_mu = encode_means(model, train, limit=protocol.probe_train_samples)
-        metrics.update(cluster_scores(
-            train_mu.cpu().numpy(), train.y[:len(train_mu)].cpu().numpy(), mu.cpu().numpy(),
-            test.y[:len(mu)].cpu().numpy(), n_classes=num_classes, seed=EVAL_SEED,
-            kmeans_restarts=protocol.kmeans_restarts, silhouette_samples=protocol.silhouette_samples,
-            knn_neighbors=protocol.knn_neighbors))
+        codes = Codes(train_mu.cpu().numpy(), train.y[:len(train_mu)].cpu().numpy(), mu.cpu().numpy(),
+                      test.y[:len(mu)].cpu().numpy(), num_classes)
+        if score:
+            metrics.update(score_codes(codes, protocol))
+            codes = None
     if not model.stochastic:
-        return Evaluation(metrics=metrics, not_applicable=STOCHASTIC_ONLY)
+        return Evaluation(metrics=metrics, not_applicable=STOCHASTIC_ONLY, codes=codes)
     per_dim = (kl_dims / n).tolist()
     metrics.update({
         "elbo": sums["elbo"] / n,
@@ -167,7 +182,16 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         "kl": sum(per_dim),
         "active_units": float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
     })
-    return Evaluation(metrics=metrics, kl_per_dim=per_dim)
+    return Evaluation(metrics=metrics, kl_per_dim=per_dim, codes=codes)
+
+
+def score_codes(codes: Codes, protocol: EvaluateSettings) -> dict[str, float]:
+    """The clustering scores of the protocol (vaebench.clustering) on a model's codes."""
+    from vaebench.clustering import cluster_scores
+
+    return cluster_scores(codes.train_z, codes.train_y, codes.test_z, codes.test_y, n_classes=codes.num_classes,
+                          seed=EVAL_SEED, kmeans_restarts=protocol.kmeans_restarts,
+                          silhouette_samples=protocol.silhouette_samples, knn_neighbors=protocol.knn_neighbors)
 
 
 def _recon_sums(sums: dict[str, float], prefix: str, logits: Tensor, x: Tensor, num_pixels: int) -> None:

@@ -49,8 +49,9 @@ ADAM_EPS = 1e-8
 WARMUP_STEPS = 2  # eager steps before a capture (lazy initialisations); their effects are undone
 VAL_MEMBER_CHUNK = 8  # validation vmaps over at most this many members at once (bounds its memory)
 
-# member index, epoch, metrics, checkpoint maker (called only when the caller wants one)
-MemberEpochCallback = Callable[[int, int, dict[str, float], Callable[[], dict[str, Any]]], None]
+# member index, epoch, metrics, checkpoint maker (called only when the caller wants one), and
+# whether this was the member's last epoch
+MemberEpochCallback = Callable[[int, int, dict[str, float], Callable[[], dict[str, Any]], bool], None]
 # member index, its result, or the exception that failed it (TrainingDiverged)
 MemberDoneCallback = Callable[[int, "TrainResult | Exception"], None]
 
@@ -333,13 +334,18 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
                  names: list[str] | None = None) -> list[TrainResult | Exception]:
     """Train `members` (runs of one pack: vaebench.plan.pack_key equal) together; returns, per
     member, its TrainResult or the exception that failed it. `resumes[i]` continues member i from
-    its checkpoint. `on_epoch_end(i, epoch, metrics, make_checkpoint)` follows every epoch of every
-    member; `on_done(i, result)` is called as soon as a member leaves the pack (finished, stopped
+    its checkpoint. `on_epoch_end(i, epoch, metrics, make_checkpoint, final)` follows every epoch of
+    every member; `on_done(i, result)` is called as soon as a member leaves the pack (finished, stopped
     early, diverged), so its evaluation can start while the others train. KeyboardInterrupt (from
     `should_stop`, polled before every step) propagates at a clean point."""
     from tqdm.auto import tqdm
 
+    from vaebench.plan import pack_key
+
     first = members[0]
+    if len({pack_key(s) for s in members}) > 1:
+        raise ValueError("these runs cannot share a step: they differ in more than the per-member "
+                         "settings (vaebench.plan.PER_MEMBER)")
     device = resolve_device(first.device)
     resumes = resumes or [None] * len(members)
     train_split, val_split = splits_for(first, data, device)
@@ -407,9 +413,10 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
             metrics["train/epoch_seconds"] = seconds
             if mb.record.end_epoch(epoch, metrics, seconds, mb.settings):
                 mb.record.best_model = pack.member_state_dict(p)
+            final = mb.record.done(mb.settings)
             if on_epoch_end is not None:
-                on_epoch_end(mb.index, epoch, metrics, lambda p=p: pack.checkpoint(p))
-            if mb.record.done(mb.settings):
+                on_epoch_end(mb.index, epoch, metrics, lambda p=p: pack.checkpoint(p), final)
+            if final:
                 leaving.append((p, _result(pack, p, device, how)))
         bar.update(1)
         bar.set_postfix(members=len(pack))
@@ -474,3 +481,26 @@ def _result(pack: Pack, p: int, device: torch.device, how: dict[str, str]) -> Tr
     r = mb.record
     return TrainResult(model=model, history=r.history, best_epoch=r.best_epoch, epochs_run=r.epoch + 1,
                        stopped_early=r.stopped_early, train_seconds=r.train_seconds, device=device, how=dict(how))
+
+
+def train_one(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None = None,
+              on_epoch_end: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None,
+              progress: bool = True, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """One run with the step its settings ask for: captured (this engine, one member) when
+    `compile` resolves to graphs, else the plain loop; the callback and the result as
+    vaebench.train.train's. A diverged run raises TrainingDiverged, as there."""
+    from vaebench.train import train
+
+    if resolve_compile(settings.compile, resolve_device(settings.device)) != "graphs":
+        return train(settings, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress,
+                     should_stop=should_stop)
+
+    def each(i: int, epoch: int, metrics: dict[str, float], make: Callable[[], dict[str, Any]], final: bool) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, make())
+
+    (result,) = train_packed([settings], data, resumes=[resume], on_epoch_end=each, progress=progress,
+                             should_stop=should_stop)
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -210,5 +210,50 @@ def load_torch(tracker: Tracker, run_id: str, artifact_path: str) -> Any | None:
         return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
 
 
+class Background:
+    """One thread that makes tracking calls in the order they are submitted, so that a trainer
+    never waits for the store (per-epoch metrics, checkpoints, the final status). `flush()` waits
+    for everything submitted so far and raises the first error any call hit; so does `close()`."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: Any = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="vaebench-tracking", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                fn, args = item
+                if self._error is None:  # after a failure, later calls are dropped: flush() reports it
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the submitting thread by flush()
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def metric_columns(runs: Iterable[Any]) -> list[str]:
     return sorted({k for r in runs for k in r.data.metrics})

@@ -1,7 +1,7 @@
 """`vaebench tune`: Optuna studies over the same train/evaluate functions as `vaebench run`.
 
 A trial is one run: `defaults` + the study's fixed matrix cell (`tune.cell`) + a point of
-`tune.space` -> `train.train` -> `runner.log_trained`, in its own MLflow run (a child of the
+`tune.space` -> `packed.train_one` -> `results.log_trained`, in its own MLflow run (a child of the
 study's parent run). Per-epoch validation metrics go to MLflow and, for single-objective studies,
 to the pruner; a pruned trial's MLflow run ends KILLED with its curve so far.
 

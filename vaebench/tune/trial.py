@@ -87,8 +87,8 @@ class Objective:
 
         from vaebench import tracking
         from vaebench.data import load_dataset
-        from vaebench.runner import log_trained
-        from vaebench.train import train
+        from vaebench.packed import train_one
+        from vaebench.results import log_trained
 
         plan, tracker, s = self.plan, self.tracker, spec.settings
         data = load_dataset(s.dataset, plan.exp.resolved_data_dir(), options=s.data_config)
@@ -113,7 +113,7 @@ class Objective:
                 tracking.set_tags(tracker, run_id, {"vaebench.pruned_at_epoch": epoch})
                 raise optuna.TrialPruned(f"at epoch {epoch}: {plan.prune_on} = {value:.5g}")
 
-        result = train(s, data, on_epoch_end=on_epoch_end, progress=False)
+        result = train_one(s, data, on_epoch_end=on_epoch_end, progress=False)
         final = log_trained(plan.exp, s, data, result, tracker, run_id)  # model, evaluation, test/*
         # val/* objectives: the epoch whose weights were kept (train restores the best val/loss).
         kept = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) \

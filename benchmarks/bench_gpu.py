@@ -1,0 +1,206 @@
+"""Training throughput on a GPU, every loop measured side by side in one process, and a 32-cell
+study end to end, packed vs one cell at a time.
+
+    python benchmarks/bench_gpu.py                      # both parts (MNIST under VAEBENCH_DATA_DIR or ./data)
+    python benchmarks/bench_gpu.py --part loops --device cpu --max-train 5000    # a small dry run
+
+Part `loops` (images per second, full MNIST, batch 128, fp32; MLP VAE 784-400-400-20 and conv VAE
+with channels (32, 64), latent 20):
+  tutorial     torchvision MNIST + ToTensor + DataLoader(shuffle=True), each batch .to(device)
+  plain        vaebench.train.train(): the in-memory uint8 split on the device, eager
+  captured     the packed engine with one member, its step captured in a CUDA graph
+  packed K=8   8 cells (different betas, seeds) trained as one stacked model, captured; aggregate
+  packed K=32  the same with 32 cells
+vaebench rows are steady-state epochs (the first epoch, with the capture, is left out) and include
+each epoch's validation pass, as a real run does.
+
+Part `matrix`: the 32-cell MNIST study (mlp and conv, z 2 and 16, beta 0.5/1/2/4, sum and mean,
+10 epochs, evaluation with k = 1000 and clustering) run through `vaebench run` twice, each into a
+fresh MLflow store: `--pack off` with `compile: off` (one cell at a time, as before packing) and the
+defaults (`--pack auto`, graphs), with each cell's test/elbo side by side. The raw-pixel baseline is
+computed once before both (it is cached per dataset and never part of a cell's time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "mlp": {"arch": "mlp", "arch_options": {"mlp": {"hidden": [400, 400]}}},
+    "conv": {"arch": "conv", "arch_options": {"conv": {"channels": [32, 64]}}},
+}
+
+
+def settings(arch: str, args: argparse.Namespace, **kw):
+    from vaebench.config import RunSettings
+
+    base = dict(dataset="mnist", model="vae", latent_dim=20, batch_size=128, epochs=args.epochs,
+                device=args.device, max_train_samples=args.max_train, **MODELS[arch])
+    return RunSettings(**{**base, **kw})
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def tutorial_loop(arch: str, args: argparse.Namespace) -> float:
+    """The blog-post loop: torchvision dataset + ToTensor + DataLoader, batches copied to the device."""
+    import torchvision
+
+    from vaebench.losses import objective
+    from vaebench.train import build_for
+
+    s = settings(arch, args)
+    ds = torchvision.datasets.MNIST(args.data_dir, train=True, download=False,
+                                    transform=torchvision.transforms.ToTensor())
+    if args.max_train:
+        ds = torch.utils.data.Subset(ds, range(args.max_train))
+    loader = torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True)
+    torch.manual_seed(0)
+    model = build_for(s, (1, 28, 28)).to(args.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen, t0 = 0, None
+    for i, (x, _) in enumerate(loader):
+        if i == 20:  # warm-up batches left out
+            sync(args.device)
+            t0, seen = time.perf_counter(), 0
+        x = x.to(args.device)
+        out = model(x)
+        loss = objective(out.logits, x, out.posterior.mean, out.posterior.logvar, likelihood="bernoulli",
+                         reduction="sum", beta=1.0).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(x)
+    sync(args.device)
+    return seen / (time.perf_counter() - t0)
+
+
+def steady(history: list[dict], n_images: int) -> float:
+    """Images per second per member over the epochs after the first."""
+    seconds = [h["train/epoch_seconds"] for h in history[1:]] or [history[0]["train/epoch_seconds"]]
+    return n_images / statistics.median(seconds)
+
+
+def vaebench_loops(arch: str, data, args: argparse.Namespace) -> dict[str, float]:
+    from vaebench.packed import train_packed
+    from vaebench.train import train
+
+    n = len(data.train) if not args.max_train else min(args.max_train, len(data.train))
+    out = {"plain": steady(train(settings(arch, args, compile="off"), data, progress=False).history, n)}
+    (one,) = train_packed([settings(arch, args, compile="graphs")], data, progress=False)
+    out["captured"] = steady(one.history, n)
+    out["captured.step"] = one.how.get("vaebench.step", "?")
+    for k in args.packs:
+        members = [settings(arch, args, compile="graphs", beta=0.5 + i % 4, seed=i) for i in range(k)]
+        results = train_packed(members, data, progress=False)
+        out[f"packed K={k}"] = k * steady(results[0].history, n)
+        out[f"packed K={k}.step"] = results[0].how.get("vaebench.step", "?")
+    return out
+
+
+def part_loops(args: argparse.Namespace) -> list[str]:
+    from vaebench.data import load_dataset
+
+    data = load_dataset("mnist", args.data_dir)
+    rows = {}
+    for arch in MODELS:
+        rows[arch] = {"tutorial": tutorial_loop(arch, args), **vaebench_loops(arch, data, args)}
+        print(arch, rows[arch], flush=True)
+    names = ["tutorial", "plain", "captured"] + [f"packed K={k}" for k in args.packs]
+    lines = [f"| loop ({args.device}, {args.epochs} epochs) | MLP VAE 784-400-400-20 | conv VAE (32, 64) |",
+             "| --- | --- | --- |"]
+    for name in names:
+        cells = []
+        for arch in MODELS:
+            v = rows[arch][name]
+            how = rows[arch].get(f"{name}.step")
+            cells.append(f"{v / 1000:.0f}k img/s" + (f" ({how})" if how and how != "cuda-graph" else ""))
+        ratio = rows["mlp"][name] / rows["mlp"]["plain"]
+        lines.append(f"| {name} (x{ratio:.1f} vs plain, MLP) | " + " | ".join(cells) + " |")
+    return lines
+
+
+MATRIX = """
+name: bench-gpu-matrix
+data_dir: {data_dir}
+defaults:
+  dataset: mnist
+  epochs: {epochs}
+  batch_size: 128
+  latent_dim: 16
+  compile: {compile}
+  arch_options:
+    mlp: {{hidden: [400, 400]}}
+    conv: {{channels: [32, 64]}}
+matrix:
+  arch: [mlp, conv]
+  latent_dim: [2, 16]
+  beta: [0.5, 1.0, 2.0, 4.0]
+  reduction: [sum, mean]
+evaluate: {{iw_samples: {k}}}
+"""
+
+
+def part_matrix(args: argparse.Namespace) -> list[str]:
+    from vaebench.cli import main
+
+    def run(pack: str, compile_: str) -> tuple[float, dict[str, float], int]:
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "study.yaml"
+            path.write_text(MATRIX.format(data_dir=args.data_dir, epochs=args.matrix_epochs, compile=compile_,
+                                          k=args.iw_samples))
+            t0 = time.perf_counter()
+            code = main(["run", str(path), "--pack", pack, "--no-progress", "--no-report"])
+            wall = time.perf_counter() - t0
+            client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlruns.db")
+            exp = client.get_experiment_by_name("bench-gpu-matrix")
+            runs = client.search_runs([exp.experiment_id], "tags.`vaebench.kind` = 'cell'")
+            return wall, {r.info.run_name: r.data.metrics.get("test/elbo", float("nan")) for r in runs}, code
+
+    base_wall, base, c1 = run("off", "off")
+    packed_wall, packed, c2 = run("auto", "auto")
+    diffs = [abs(base[k] - packed[k]) for k in base if k in packed]
+    lines = [f"32-cell MNIST study, {args.matrix_epochs} epochs, k={args.iw_samples}: "
+             f"one cell at a time {base_wall:.0f} s, packed {packed_wall:.0f} s -> x{base_wall / packed_wall:.1f} "
+             f"(exit codes {c1}, {c2}); |test/elbo packed - unpacked| max {max(diffs):.2f} nats, "
+             f"mean {statistics.mean(diffs):.2f} over {len(diffs)} cells"]
+    lines += [f"  {k}: {base[k]:.2f} vs {packed.get(k, float('nan')):.2f}" for k in sorted(base)]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["loops", "matrix", "all"], default="all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-dir", default=os.environ.get("VAEBENCH_DATA_DIR", str(ROOT / "data")))
+    p.add_argument("--epochs", type=int, default=3, help="epochs per loop measurement (the first is warm-up)")
+    p.add_argument("--max-train", type=int, default=None, help="train on the first N images (dry runs)")
+    p.add_argument("--packs", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--matrix-epochs", type=int, default=10)
+    p.add_argument("--iw-samples", type=int, default=1000)
+    args = p.parse_args()
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    lines = []
+    if args.part in ("loops", "all"):
+        lines += part_loops(args)
+    if args.part in ("matrix", "all"):
+        lines += part_matrix(args)
+    print("\n".join([f"device: {name}", *lines]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The packed engine against the plain loop: a member of a pack trains exactly as it would alone.
+
+Everything here runs on the CPU (where `--pack auto` would not pack: these tests force the packed
+path). The two CUDA tests at the end check the captured step on a GPU; CI has none, the device
+machine runs them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from vaebench.config import RunSettings
+from vaebench.data import load_dataset
+from vaebench.packed import StackedAdam, train_packed
+from vaebench.train import TrainingDiverged, TrainResult, train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_dataset("digits", tmp_path_factory.mktemp("data"))
+
+
+def cell(**kw) -> RunSettings:
+    base = dict(dataset="digits", model="vae", latent_dim=4, epochs=10, batch_size=32, max_train_samples=640,
+                arch_options={"mlp": {"hidden": [32]}}, device="cpu")
+    return RunSettings(**{**base, **kw})
+
+
+def assert_same_training(alone: TrainResult, packed: TrainResult, rtol: float = 1e-4, atol: float = 1e-5,
+                         weights_rtol: float = 1e-2) -> None:
+    """Every epoch's losses agree to `rtol`; every weight tensor to `weights_rtol` in relative norm.
+    The weights get a looser bound because Adam amplifies summation-order differences (a grouped
+    convolution's weight gradient sums in another order than a plain one's) where gradients are
+    near zero: measured up to 9e-4 after 30 steps at lr 3e-3 on a 1-thread CPU. A member trained
+    with another member's settings or gradient is off by 10-50%, and its losses show it at once."""
+    assert packed.epochs_run == alone.epochs_run and packed.best_epoch == alone.best_epoch
+    assert packed.stopped_early == alone.stopped_early
+    for a, b in zip(alone.history, packed.history):
+        for key in ("train/loss", "train/recon", "train/kl", "train/kl_weight", "val/loss", "val/recon", "val/kl"):
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=atol), key
+    for (name, a), b in zip(alone.model.state_dict().items(), packed.model.state_dict().values()):
+        a, b = a.double(), b.double()
+        deviation = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        assert deviation <= weights_rtol, f"{name}: relative deviation {deviation:.2e}"
+
+
+def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> None:
+    # 20 steps x 10 epochs = 200 steps each
+    members = [
+        cell(seed=0, beta=1.0),
+        cell(seed=1, beta=4.0, reduction="mean", lr=3e-3, kl_anneal={"schedule": "linear", "epochs": 4}),
+        cell(seed=2, beta=0.5, likelihood="gaussian", optimizer="adamw", weight_decay=1e-2),
+        cell(seed=3, beta=2.0, lr=5e-4, weight_decay=1e-3, kl_anneal={"schedule": "cyclical", "epochs": 6}),
+        cell(seed=4, patience=2, lr=2e-2),
+    ]
+    packed = train_packed(members, digits, progress=False)
+    for s, p in zip(members, packed):
+        assert isinstance(p, TrainResult)
+        assert p.how["vaebench.engine"] == "packed" and p.how["vaebench.pack.size"] == "5"
+        assert_same_training(train(s, digits, progress=False), p)
+
+
+@pytest.mark.parametrize("model,arch,extra", [
+    ("dae", "deep_conv", dict(image_size=16, binarization="static", likelihood="gaussian", gaussian_sigma="learned")),
+    ("vae", "conv", dict(binarization="dynamic", reduction="mean")),
+    ("ae", "mlp", dict(likelihood="gaussian", gaussian_sigma=0.5)),
+])
+def test_every_family_and_architecture_packs(digits, model: str, arch: str, extra: dict) -> None:
+    opts = {"deep_conv": {"channels": [8, 16]}, "conv": {"channels": [8, 16]}, "mlp": {"hidden": [32]}}
+    members = [cell(model=model, arch=arch, arch_options=opts, epochs=3, seed=i, noise=0.1 + 0.3 * i,
+                    lr=1e-3 * (i + 1), **extra) for i in range(3)]
+    packed = train_packed(members, digits, progress=False)
+    for s, p in zip(members, packed):
+        assert_same_training(train(s, digits, progress=False), p)
+    if model == "dae":  # each member corrupted with its own noise factor
+        assert [float(p.model.noise_scale) for p in packed] == pytest.approx([0.1, 0.4, 0.7])
+
+
+def test_members_leave_as_they_stop_early_or_diverge(digits) -> None:
+    members = [cell(seed=0, epochs=12), cell(seed=1, lr=0.05, patience=2, epochs=12),
+               cell(seed=2, beta=1e6, lr=10.0, epochs=12)]
+    order: list[int] = []
+    results = train_packed(members, digits, progress=False, on_done=lambda i, r: order.append(i))
+    assert order == [2, 1, 0]  # diverged in epoch 0, stopped early later, ran all 12 epochs
+    diverged, stopped, full = results[2], results[1], results[0]
+    assert isinstance(diverged, TrainingDiverged) and "not finite at epoch 0" in str(diverged)
+    assert stopped.stopped_early and stopped.epochs_run < 12 and full.epochs_run == 12
+    with pytest.raises(TrainingDiverged, match="epoch 0"):
+        train(members[2], digits, progress=False)
+    assert_same_training(train(members[1], digits, progress=False), stopped)
+    assert_same_training(train(members[0], digits, progress=False), full)
+
+
+def _checkpoint_at(settings: RunSettings, data, epoch: int, packed: bool) -> dict:
+    """The checkpoint a run writes after `epoch` (through either engine), round-tripped through
+    torch.save / torch.load(weights_only=True) as the runner stores it."""
+    saved = {}
+
+    def keep(*args) -> None:
+        e, make = (args[1], args[3]) if packed else (args[0], lambda: args[2])  # (i, e, m, make, final) | (e, m, ckpt)
+        if e == epoch:
+            buf = io.BytesIO()
+            torch.save(make(), buf)
+            saved["bytes"] = buf.getvalue()
+
+    if packed:
+        train_packed([settings], data, progress=False, on_epoch_end=keep)
+    else:
+        train(settings, data, progress=False, on_epoch_end=keep)
+    return torch.load(io.BytesIO(saved["bytes"]), weights_only=True)
+
+
+def test_resume_members_at_different_epochs_and_across_engines(digits) -> None:
+    a = cell(seed=0, binarization="dynamic", epochs=6, kl_anneal={"schedule": "linear", "epochs": 3})
+    b = cell(seed=1, beta=2.0, optimizer="adamw", weight_decay=1e-2, epochs=6, binarization="dynamic")
+    straight_a, straight_b = train(a, digits, progress=False), train(b, digits, progress=False)
+    # a was checkpointed by the plain loop after epoch 1, b by the packed engine after epoch 3
+    resumes = [_checkpoint_at(a, digits, 1, packed=False), _checkpoint_at(b, digits, 3, packed=True)]
+    ra, rb = train_packed([a, b], digits, resumes=resumes, progress=False)
+    assert_same_training(straight_a, ra)
+    assert_same_training(straight_b, rb)
+    # and the plain loop resumes what the packed engine checkpointed
+    assert_same_training(straight_b, train(b, digits, resume=resumes[1], progress=False))
+
+
+def test_runs_that_cannot_share_a_step_are_refused(digits) -> None:
+    with pytest.raises(ValueError, match="cannot share a step"):
+        train_packed([cell(), cell(binarization="dynamic")], digits, progress=False)
+
+
+def test_a_member_resumed_after_its_last_epoch_leaves_at_once(digits) -> None:
+    s = cell(epochs=3)
+    done = _checkpoint_at(s, digits, 2, packed=False)
+    (result,) = train_packed([s], digits, resumes=[done], progress=False)
+    assert result.epochs_run == 3 and len(result.history) == 3
+
+
+def test_graphs_requested_without_cuda_run_eagerly_and_say_so(digits) -> None:
+    (r,) = train_packed([cell(epochs=1, compile="graphs")], digits, progress=False)
+    assert r.how["vaebench.step"] == "eager"
+    assert "needs CUDA" in r.how["vaebench.step.fallback"]
+
+
+def test_should_stop_interrupts_a_pack_between_steps(digits) -> None:
+    polls: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_packed([cell(), cell(seed=1)], digits, progress=False,
+                     should_stop=lambda: polls.append(1) or len(polls) > 25)
+    assert len(polls) == 26  # 20 steps per epoch: stopped inside epoch 1
+
+
+def test_stacked_adam_matches_torch_optim() -> None:
+    torch.manual_seed(0)
+    members = [cell(lr=1e-3), cell(lr=3e-2, weight_decay=0.1), cell(optimizer="adamw", lr=1e-2, weight_decay=0.3)]
+    params = [torch.randn(3, 5, 4), torch.randn(3, 7)]
+    plain = [[p[m].clone().requires_grad_() for p in params] for m in range(3)]
+    optims = [{"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[s.optimizer](ps, lr=s.lr, weight_decay=s.weight_decay)
+              for s, ps in zip(members, plain)]
+    stacked = StackedAdam([p.clone() for p in params], members)
+    for _ in range(50):
+        grads = [torch.randn_like(p) for p in params]
+        stacked.update(grads)
+        for m, (opt, ps) in enumerate(zip(optims, plain)):
+            for p, g in zip(ps, grads):
+                p.grad = g[m].clone()
+            opt.step()
+    for m in range(3):
+        for p, q in zip(stacked.params, plain[m]):
+            torch.testing.assert_close(p[m], q.detach(), rtol=1e-5, atol=1e-6)
+        state = stacked.member_state(m, optims[m].state_dict())
+        assert float(state["state"][0]["step"]) == 50
+        torch.testing.assert_close(state["state"][1]["exp_avg_sq"], optims[m].state_dict()["state"][1]["exp_avg_sq"])
+
+
+@cuda
+def test_captured_step_equals_the_eager_step_on_cuda(digits) -> None:
+    members = [cell(device="cuda", seed=i, beta=0.5 + i, binarization="dynamic", epochs=4) for i in range(4)]
+    graphs = train_packed([m.model_copy(update={"compile": "graphs"}) for m in members], digits, progress=False)
+    eager = train_packed([m.model_copy(update={"compile": "off"}) for m in members], digits, progress=False)
+    assert graphs[0].how["vaebench.step"] == "cuda-graph" and eager[0].how["vaebench.step"] == "eager"
+    for g, e in zip(graphs, eager):
+        assert_same_training(e, g, rtol=1e-5, atol=1e-6, weights_rtol=1e-5)
+
+
+@cuda
+def test_packed_members_match_the_plain_loop_on_cuda(digits) -> None:
+    members = [cell(device="cuda", model="dae", arch="conv", arch_options={"conv": {"channels": [8, 16]}},
+                    seed=i, noise=0.2 * (i + 1), epochs=4) for i in range(3)]
+    packed = train_packed(members, digits, progress=False)
+    assert packed[0].how["vaebench.step"] == "cuda-graph"
+    for s, p in zip(members, packed):
+        assert_same_training(train(s, digits, progress=False), p, rtol=1e-3, atol=1e-4)

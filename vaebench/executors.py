@@ -1,0 +1,102 @@
+"""Executors: where the units of work run. One interface, `run(units) -> Iterator[CellResult]`:
+units go in, results stream back as cells finish, whatever runs them.
+
+- `LocalExecutor`: one unit after another in this process, which owns the device; trained cells go
+  to its evaluator (results.Evaluator, or results.PoolEvaluator off the critical path).
+- `PoolExecutor`: `jobs` worker processes, spawned once and reused for every unit: on a CPU
+  machine each gets its share of the threads; with several GPUs each gets its own
+  (CUDA_VISIBLE_DEVICES). A worker trains and evaluates its units in place.
+
+Both record every run in the tracking store the same way (vaebench.units); a third executor (a
+cluster scheduler) only has to run `run_unit` somewhere and send back its results.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+from vaebench import tracking
+from vaebench.config import Experiment
+from vaebench.plan import Unit
+from vaebench.results import CellResult, Evaluator
+from vaebench.units import run_unit
+
+
+class LocalExecutor:
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, evaluator: Evaluator,
+                 background: tracking.Background, *, progress: bool = True,
+                 should_stop: Callable[[], bool] | None = None):
+        self.exp, self.tracker, self.parent_id = exp, tracker, parent_id
+        self.evaluator, self.background = evaluator, background
+        self.progress, self.should_stop = progress, should_stop
+
+    def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
+        for unit in units:
+            if self.should_stop is not None and self.should_stop():
+                raise KeyboardInterrupt("stop requested")
+            yield from self.evaluator.ready()
+            yield from run_unit(self.exp, unit, self.tracker, self.parent_id, self.evaluator, self.background,
+                                progress=self.progress, should_stop=self.should_stop)
+            yield from self.evaluator.ready()
+        yield from self.evaluator.drain()
+
+
+class PoolExecutor:
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0):
+        self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
+
+    def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        units = list(units)
+        ctx = multiprocessing.get_context("spawn")
+        gpu_ids = ctx.Queue()
+        for i in range(self.jobs):
+            gpu_ids.put(i % self.gpus if self.gpus else None)
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        with ProcessPoolExecutor(max_workers=min(self.jobs, len(units)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(threads, gpu_ids)) as pool:
+            futures = [pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id)
+                       for unit in units]
+            try:
+                for future in as_completed(futures):
+                    yield from future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
+_WORKER: dict[str, Any] = {}  # per worker process: its stop flag and tracker, reused across units
+
+
+def _init_worker(threads: int, gpu_ids: Any) -> None:
+    import signal
+    import threading
+
+    gpu = gpu_ids.get()
+    if gpu is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    import torch
+
+    torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly.
+    _WORKER["stop"] = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: _WORKER["stop"].set())
+
+
+def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:
+    if "tracker" not in _WORKER:
+        _WORKER["tracker"] = tracking.connect(uri, exp.name)
+    tracker, stop = _WORKER["tracker"], _WORKER["stop"]
+    if stop.is_set():
+        raise KeyboardInterrupt("stop requested")
+    background = tracking.Background()
+    evaluator = Evaluator(exp, tracker, background)
+    try:
+        results = run_unit(exp, unit, tracker, parent_id, evaluator, background, progress=False,
+                           should_stop=stop.is_set)
+        return results + evaluator.drain()
+    finally:
+        background.close()

@@ -1,0 +1,386 @@
+"""What happens to a trained model: its final artifacts, the evaluation protocol, and the end of its
+MLflow run.
+
+Two ways to get there, with the same outcome in MLflow:
+
+- `log_trained` does it all at once, in the calling process (Optuna trials, `--jobs` workers).
+- an `Evaluator` splits it so that the device never waits for the CPU: `prepare` runs the part of
+  the protocol that needs the model on the device (encodings, ELBO, the IWAE estimate) in the
+  trainer's process right after training; `complete` (clustering scores, figures, the uploads)
+  runs in a pool of worker processes while the device trains the next unit (`PoolEvaluator`), or
+  right away (`Evaluator`, the default on the CPU, where there are no idle cores to use).
+
+The dataset's raw-pixel baseline is computed once per dataset, preprocessing and protocol before
+any cell is evaluated (in the pool when there is one), never inside a cell's time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from vaebench import tracking
+from vaebench.config import EvaluateSettings, Experiment, RunSettings
+
+if TYPE_CHECKING:  # annotations only: this module imports torch lazily
+    from vaebench.data import Dataset
+    from vaebench.evaluate import Evaluation
+    from vaebench.matrix import RunSpec
+    from vaebench.models import AutoEncoder
+    from vaebench.train import TrainResult
+
+
+@dataclass
+class CellResult:
+    spec: RunSpec
+    status: str  # trained | resumed | skipped | failed; for re-evaluation: evaluated | missing
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --- all at once ---------------------------------------------------------------------------------
+
+
+def log_trained(exp: Experiment, s: RunSettings, data: Dataset, result: TrainResult,
+                tracker: tracking.Tracker, run_id: str) -> dict[str, float]:
+    """After training: log the final model, run the evaluation protocol, log the final metrics;
+    returns them (matrix cells and Optuna trials alike)."""
+    job = prepare(exp, s, result, data, run_id, score=True)
+    return complete(job, tracker, model=result.model, data=data)
+
+
+def evaluate_and_log(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset,
+                     history: list[dict[str, float]], tracker: tracking.Tracker, run_id: str,
+                     step: int) -> dict[str, float]:
+    """Run the evaluation protocol on a trained model and log its test/* metrics, the dataset's
+    raw-pixel baseline, the per-dim KL table and the figures to `run_id` (re-evaluation)."""
+    evaluation = _measure(exp, s, model, data, score=True)
+    job = Job(exp, s, run_id, step, evaluation, {}, tuple(model.in_shape), history, log_model=False)
+    return complete(job, tracker, model=model, data=data)
+
+
+# --- in two parts ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """The CPU side of one cell's evaluation: everything it needs, picklable."""
+
+    exp: Experiment
+    settings: RunSettings
+    run_id: str
+    step: int  # the step its final metrics are logged at (epochs run)
+    evaluation: Evaluation  # the device part's metrics, and the codes still to score (if any)
+    state_dict: dict[str, Any]  # the final weights, on the CPU
+    in_shape: tuple[int, int, int]
+    history: list[dict[str, float]]
+    final: dict[str, float] = field(default_factory=dict)  # train/seconds, epochs_run, best_epoch
+    tags: dict[str, Any] = field(default_factory=dict)
+    log_model: bool = True
+    baseline: dict[str, float] | None = None  # filled in before the job runs (when clustering)
+
+
+def prepare(exp: Experiment, s: RunSettings, result: TrainResult, data: Dataset, run_id: str, *,
+            score: bool = False) -> Job:
+    """The device part, in the trainer's process: the protocol up to the codes (scored too with
+    `score`, for an all-at-once caller)."""
+    model = result.model
+    evaluation = _measure(exp, s, model, data, score=score)
+    final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
+             "train/best_epoch": result.best_epoch}
+    tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device), **result.how}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return Job(exp, s, run_id, result.epochs_run, evaluation, state, tuple(model.in_shape), result.history,
+               final, tags)
+
+
+def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None = None,
+             data: Dataset | None = None) -> dict[str, float]:
+    """The CPU part: clustering scores, the model and figures as artifacts, the final metrics. With
+    no `model`/`data` (a worker process) they are rebuilt on the CPU from the job. Returns the
+    final metrics; the caller ends the run."""
+    from vaebench.evaluate import score_codes
+    from vaebench.losses import effective_beta
+
+    s, ev, run_id = job.settings, job.evaluation, job.run_id
+    if job.tags:
+        tracking.set_tags(tracker, run_id, job.tags)
+    if job.log_model:
+        tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
+            "state_dict": job.state_dict, "settings": s.model_dump(mode="json"), "in_shape": list(job.in_shape)})
+    if job.final:
+        tracking.log_metrics(tracker, run_id, job.final, step=job.step)
+    metrics = dict(ev.metrics)
+    if ev.codes is not None:
+        metrics.update(score_codes(ev.codes, job.exp.evaluate))
+    c, h, w = job.in_shape
+    final = {f"test/{k}": v for k, v in metrics.items()}
+    final["effective_beta"] = effective_beta(s.beta, s.reduction, c * h * w)
+    if job.exp.evaluate.clustering:
+        baseline = job.baseline if job.baseline is not None else baseline_for(job.exp, s, data)
+        final.update({f"baseline/{k}": v for k, v in baseline.items()})
+    tracking.log_metrics(tracker, run_id, final, step=job.step)
+    if ev.not_applicable:
+        tracking.set_tags(tracker, run_id, {tracking.TAG_NOT_APPLICABLE: ",".join(f"test/{k}" for k in ev.not_applicable)})
+    if ev.kl_per_dim:
+        rows = "dim,kl\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(ev.kl_per_dim))
+        tracking.log_text(tracker, run_id, "eval/kl_per_dim.csv", rows)
+    if job.exp.evaluate.figures:
+        _log_figures(job, tracker, model, data)
+    return {**job.final, **final}
+
+
+def _measure(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset, *, score: bool) -> Evaluation:
+    from vaebench.batches import to_device
+    from vaebench.evaluate import evaluate
+
+    device = next(model.parameters()).device
+    opts = dict(image_size=s.image_size, binarization=s.binarization)
+    test = to_device(data.test, device, **opts)
+    # the training split is only needed to fit the kNN / probe
+    train = to_device(data.train, device, **opts) if exp.evaluate.clustering else None
+    return evaluate(model, test, s, exp.evaluate, train=train, num_classes=data.num_classes, score=score)
+
+
+def _log_figures(job: Job, tracker: tracking.Tracker, model: AutoEncoder | None, data: Dataset | None) -> None:
+    from vaebench.batches import to_device
+    from vaebench.figures import draw_run_figures
+
+    s = job.settings
+    if model is None:
+        from vaebench.train import build_for
+
+        model = build_for(s, job.in_shape)
+        model.load_state_dict(job.state_dict)
+        model.eval()
+    data = data if data is not None else _dataset(job.exp, s)
+    test = to_device(data.test, next(model.parameters()).device, image_size=s.image_size, binarization=s.binarization)
+    with tempfile.TemporaryDirectory() as tmp:
+        draw_run_figures(model, test, job.history, tmp, likelihood=s.likelihood)
+        tracker.client.log_artifacts(job.run_id, tmp, "figures")
+
+
+def _dataset(exp: Experiment, s: RunSettings) -> Dataset:
+    from vaebench.data import load_dataset
+
+    return load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+
+
+# --- the raw-pixel baseline ------------------------------------------------------------------------
+
+
+def baseline_key(s: RunSettings, protocol: EvaluateSettings) -> str:
+    what = {"dataset": s.dataset, "options": s.data_config, "image_size": s.image_size,
+            "binarization": s.binarization,
+            "protocol": protocol.model_dump(include={"max_test_samples", "probe_train_samples",
+                                                     "silhouette_samples", "knn_neighbors", "kmeans_restarts"})}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def baseline_for(exp: Experiment, s: RunSettings, data: Dataset | None = None) -> dict[str, float]:
+    """The dataset's raw-pixel clustering scores under this cell's preprocessing (cached in memory
+    and in data_dir/.vaebench-cache: computed once)."""
+    import torch
+
+    from vaebench.batches import to_device
+    from vaebench.evaluate import pixel_baseline
+
+    data = data if data is not None else _dataset(exp, s)
+    cpu = torch.device("cpu")
+    opts = dict(image_size=s.image_size, binarization=s.binarization)
+    return pixel_baseline(to_device(data.train, cpu, **opts), to_device(data.test, cpu, **opts), data.num_classes,
+                          exp.evaluate, baseline_key(s, exp.evaluate),
+                          cache_dir=exp.resolved_data_dir() / ".vaebench-cache")
+
+
+# --- evaluators ------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Finishes trained cells in this process, right away: prepare + complete, then the run ends."""
+
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, background: tracking.Background):
+        self.exp, self.tracker, self.background = exp, tracker, background
+        self._done: list[CellResult] = []
+
+    def baselines(self, settings: list[RunSettings]) -> None:
+        """Compute the baselines these cells need, before any of them is evaluated."""
+        if not self.exp.evaluate.clustering:
+            return
+        for s in {baseline_key(s, self.exp.evaluate): s for s in settings}.values():
+            try:
+                baseline_for(self.exp, s)
+            except Exception:  # noqa: BLE001 - its cells fail on their own, with the reason (missing data...)
+                pass
+
+    def submit(self, spec: RunSpec, run_id: str, result: TrainResult, data: Dataset, status: str,
+               started: float) -> None:
+        try:
+            job = prepare(self.exp, spec.settings, result, data, run_id)
+        except Exception as e:  # noqa: BLE001 - one bad cell must not stop the others
+            self._done.append(self.failed(spec, run_id, e, started))
+            return
+        self._complete(job, spec, status, started, model=result.model, data=data)
+
+    def _complete(self, job: Job, spec: RunSpec, status: str, started: float, **kw: Any) -> None:
+        try:
+            metrics = complete(job, self.tracker, **kw)
+        except Exception as e:  # noqa: BLE001
+            self._done.append(self.failed(spec, job.run_id, e, started))
+            return
+        self._done.append(self.finished(spec, job.run_id, status, started, metrics))
+
+    def finished(self, spec: RunSpec, run_id: str, status: str, started: float, metrics: dict[str, float]) -> CellResult:
+        self.background.submit(tracking.finish, self.tracker, run_id, "FINISHED")
+        return CellResult(spec, status, run_id, time.perf_counter() - started, metrics=metrics)
+
+    def failed(self, spec: RunSpec, run_id: str | None, error: BaseException, started: float) -> CellResult:
+        message = f"{type(error).__name__}: {error}"
+        if run_id is not None:
+            tb = "".join(traceback.format_exception(error))[-4000:]
+            self.background.submit(tracking.set_tags, self.tracker, run_id,
+                                   {tracking.TAG_ERROR: message, "vaebench.traceback": tb})
+            self.background.submit(tracking.finish, self.tracker, run_id, "FAILED")
+        return CellResult(spec, "failed", run_id, time.perf_counter() - started, error=message)
+
+    def ready(self) -> list[CellResult]:
+        """The cells finished since the last call."""
+        done, self._done = self._done, []
+        return done
+
+    def drain(self) -> list[CellResult]:
+        """Wait for every submitted cell; the cells finished since the last call."""
+        return self.ready()
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class PoolEvaluator(Evaluator):
+    """The CPU part of each evaluation in `workers` worker processes (spawned, started once, one
+    thread each), at most `queue` jobs waiting so the trainer cannot run away from them."""
+
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, background: tracking.Background,
+                 workers: int, queue: int | None = None):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        super().__init__(exp, tracker, background)
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_eval_worker)
+        self.limit = queue or 4 * workers
+        self._baselines: dict[str, Any] = {}  # baseline key -> future
+        self._waiting: list[tuple[Job, RunSpec, str, float]] = []  # jobs whose baseline is not ready
+        self._running: dict[Any, tuple[Job, RunSpec, str, float]] = {}
+
+    def baselines(self, settings: list[RunSettings]) -> None:
+        """Start the baselines in the pool: they run while the first unit trains."""
+        if not self.exp.evaluate.clustering:
+            return
+        for key, s in {baseline_key(s, self.exp.evaluate): s for s in settings}.items():
+            self._baselines[key] = self.pool.submit(_baseline_in_worker, self.exp, s)
+
+    def submit(self, spec: RunSpec, run_id: str, result: TrainResult, data: Dataset, status: str,
+               started: float) -> None:
+        try:
+            job = prepare(self.exp, spec.settings, result, data, run_id)
+        except Exception as e:  # noqa: BLE001
+            self._done.append(self.failed(spec, run_id, e, started))
+            return
+        self._waiting.append((job, spec, status, started))
+        self._dispatch()
+        while len(self._running) + len(self._waiting) > self.limit:  # back-pressure on the trainer
+            self._collect(block=True)
+
+    def _dispatch(self) -> None:
+        still = []
+        for item in self._waiting:
+            job = item[0]
+            if self.exp.evaluate.clustering:
+                future = self._baselines.get(baseline_key(job.settings, self.exp.evaluate))
+                if future is not None and not future.done():
+                    still.append(item)
+                    continue
+                try:
+                    job.baseline = future.result() if future is not None else None
+                except Exception:  # noqa: BLE001 - the job computes it itself, and fails there if it must
+                    job.baseline = None
+            self._running[self.pool.submit(_complete_in_worker, job, self.tracker.uri, self.exp.name)] = item
+        self._waiting = still
+
+    def _collect(self, block: bool) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        self._dispatch()
+        pending = list(self._running) + [f for f in self._baselines.values() if not f.done()]
+        if not pending:
+            return
+        done, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            item = self._running.pop(future, None)
+            if item is None:
+                continue  # a baseline: _dispatch picks it up
+            job, spec, status, started = item
+            try:
+                metrics = future.result()
+            except Exception as e:  # noqa: BLE001
+                self._done.append(self.failed(spec, job.run_id, e, started))
+                continue
+            self._done.append(self.finished(spec, job.run_id, status, started, metrics))
+        self._dispatch()
+
+    def ready(self) -> list[CellResult]:
+        self._collect(block=False)
+        return super().ready()
+
+    def drain(self) -> list[CellResult]:
+        while self._running or self._waiting:
+            self._collect(block=True)
+        return super().ready()
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def pending_runs(evaluator: Evaluator) -> list[str]:
+    """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
+    if isinstance(evaluator, PoolEvaluator):
+        return [item[0].run_id for item in [*evaluator._waiting, *evaluator._running.values()]]
+    return []
+
+
+_WORKER: dict[str, Any] = {}  # per evaluation worker process: its trackers
+
+
+def _init_eval_worker() -> None:
+    import signal
+
+    import torch
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer's process handles Ctrl-C and shuts the pool down
+
+
+def _tracker(uri: str, experiment: str) -> tracking.Tracker:
+    key = f"{uri}|{experiment}"
+    if key not in _WORKER:
+        _WORKER[key] = tracking.connect(uri, experiment)
+    return _WORKER[key]
+
+
+def _complete_in_worker(job: Job, uri: str, experiment: str) -> dict[str, float]:
+    return complete(job, _tracker(uri, experiment))
+
+
+def _baseline_in_worker(exp: Experiment, s: RunSettings) -> dict[str, float]:
+    return baseline_for(exp, s)
+
+
+Printer = Callable[[str], None]
