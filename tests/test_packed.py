@@ -189,9 +189,13 @@ def test_captured_step_equals_the_eager_step_on_cuda(digits) -> None:
 
 @cuda
 def test_packed_members_match_the_plain_loop_on_cuda(digits) -> None:
+    # cuDNN convolutions run in TF32 by default (10-bit mantissas): off here, so that what is
+    # compared is the packing, not two roundings of TF32
     members = [cell(device="cuda", model="dae", arch="conv", arch_options={"conv": {"channels": [8, 16]}},
                     seed=i, noise=0.2 * (i + 1), epochs=4) for i in range(3)]
-    packed = train_packed(members, digits, progress=False)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        packed = train_packed(members, digits, progress=False)
+        alone = [train(s, digits, progress=False) for s in members]
     assert packed[0].how["vaebench.step"] == "cuda-graph"
-    for s, p in zip(members, packed):
-        assert_same_training(train(s, digits, progress=False), p, rtol=1e-3, atol=1e-4)
+    for a, p in zip(alone, packed):
+        assert_same_training(a, p)

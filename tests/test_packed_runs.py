@@ -177,3 +177,4 @@ def test_a_killed_group_resumes_each_member_from_its_own_checkpoint(write_yaml, 
     for run_id in cells["run_id"]:
         steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
         assert steps == list(range(60)), "every epoch logged exactly once"
+

@@ -112,6 +112,12 @@ class RunSettings(_Strict):
             raise ValueError("must be > 0 or 'learned'")
         return v
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `compile: off` means what it says
+        return "off" if v is False else v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -22,7 +22,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from vaebench import tracking
 from vaebench.config import EvaluateSettings, Experiment, RunSettings
@@ -92,9 +92,10 @@ def prepare(exp: Experiment, s: RunSettings, result: TrainResult, data: Dataset,
     """The device part, in the trainer's process: the protocol up to the codes (scored too with
     `score`, for an all-at-once caller)."""
     model = result.model
+    t0 = time.perf_counter()
     evaluation = _measure(exp, s, model, data, score=score)
     final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
-             "train/best_epoch": result.best_epoch}
+             "train/best_epoch": result.best_epoch, "eval/device_seconds": time.perf_counter() - t0}
     tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device), **result.how}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Job(exp, s, run_id, result.epochs_run, evaluation, state, tuple(model.in_shape), result.history,
@@ -109,6 +110,7 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
     from vaebench.evaluate import score_codes
     from vaebench.losses import effective_beta
 
+    t0 = time.perf_counter()
     s, ev, run_id = job.settings, job.evaluation, job.run_id
     if job.tags:
         tracking.set_tags(tracker, run_id, job.tags)
@@ -134,7 +136,9 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
         tracking.log_text(tracker, run_id, "eval/kl_per_dim.csv", rows)
     if job.exp.evaluate.figures:
         _log_figures(job, tracker, model, data)
-    return {**job.final, **final}
+    cpu = {"eval/cpu_seconds": time.perf_counter() - t0}  # clustering, figures and uploads
+    tracking.log_metrics(tracker, run_id, cpu, step=job.step)
+    return {**job.final, **final, **cpu}
 
 
 def _measure(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset, *, score: bool) -> Evaluation:
@@ -259,13 +263,22 @@ class Evaluator:
         """Wait for every submitted cell; the cells finished since the last call."""
         return self.ready()
 
+    def pending_runs(self) -> list[str]:
+        """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
+        return []
+
     def close(self, cancel: bool = False) -> None:
         pass
 
 
 class PoolEvaluator(Evaluator):
     """The CPU part of each evaluation in `workers` worker processes (spawned, started once, one
-    thread each), at most `queue` jobs waiting so the trainer cannot run away from them."""
+    thread each), at most `queue` jobs waiting so the trainer cannot run away from them.
+
+    The device part stays in the trainer's thread, between units. Running it beside the next
+    unit's training (its own thread and CUDA stream) was tried and measured on an H100: the two
+    contend for the GPU (the packs' epochs 16-37% slower, each evaluation about twice as long) and
+    the study took as long (benchmarks/results/h100-bench_gpu-overlap-timeline.log)."""
 
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, background: tracking.Background,
                  workers: int, queue: int | None = None):
@@ -296,8 +309,11 @@ class PoolEvaluator(Evaluator):
             return
         self._waiting.append((job, spec, status, started))
         self._dispatch()
-        while len(self._running) + len(self._waiting) > self.limit:  # back-pressure on the trainer
+        while self._in_flight() > self.limit:  # back-pressure on the trainer
             self._collect(block=True)
+
+    def _in_flight(self) -> int:
+        return len(self._running) + len(self._waiting)
 
     def _dispatch(self) -> None:
         still = []
@@ -341,19 +357,16 @@ class PoolEvaluator(Evaluator):
         return super().ready()
 
     def drain(self) -> list[CellResult]:
-        while self._running or self._waiting:
+        while self._in_flight():
             self._collect(block=True)
         return super().ready()
 
+    def pending_runs(self) -> list[str]:
+        """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
+        return [item[0].run_id for item in [*self._waiting, *self._running.values()]]
+
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
-
-
-def pending_runs(evaluator: Evaluator) -> list[str]:
-    """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
-    if isinstance(evaluator, PoolEvaluator):
-        return [item[0].run_id for item in [*evaluator._waiting, *evaluator._running.values()]]
-    return []
 
 
 _WORKER: dict[str, Any] = {}  # per evaluation worker process: its trackers
@@ -382,5 +395,3 @@ def _complete_in_worker(job: Job, uri: str, experiment: str) -> dict[str, float]
 def _baseline_in_worker(exp: Experiment, s: RunSettings) -> dict[str, float]:
     return baseline_for(exp, s)
 
-
-Printer = Callable[[str], None]

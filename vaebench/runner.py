@@ -100,7 +100,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
 
     from vaebench.executors import LocalExecutor, PoolExecutor
     from vaebench.plan import make_units, pack_limit
-    from vaebench.results import Evaluator, PoolEvaluator, pending_runs
+    from vaebench.results import Evaluator, PoolEvaluator
     from vaebench.train import resolve_device
     from vaebench.units import Cell
 
@@ -138,8 +138,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     echo(f"experiment {exp.name!r}: {len(specs)} cells, {len(todo)} to train in {len(units)} units"
          f"{' (' + '; '.join(how) + ')' if how else ''}; tracking at {tracker.uri}")
     background = tracking.Background()
-    evaluator = (PoolEvaluator(exp, tracker, background, workers) if workers
-                 else Evaluator(exp, tracker, background))
+    evaluator = PoolEvaluator(exp, tracker, background, workers) if workers else Evaluator(exp, tracker, background)
     status = "FINISHED"
     try:
         evaluator.baselines([c.spec.settings for c in todo])  # before any cell is trained
@@ -157,7 +156,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         bar.close()
     except KeyboardInterrupt:
         status = "KILLED"
-        for run_id in pending_runs(evaluator):
+        for run_id in evaluator.pending_runs():
             background.submit(tracking.finish, tracker, run_id, "KILLED")
         raise
     finally:
