@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -130,6 +130,11 @@ class RunSettings(_Strict):
         from vaebench.data import DATASET_OPTIONS
 
         return {d: _validate_block(DATASET_OPTIONS, d, o, "dataset", lambda x: x) for d, o in v.items()}
+
+    # The fields a validator reads together. Every other field is validated on its own (no
+    # validator here looks at another field), which lets matrix.expand validate each axis value
+    # once instead of every cell: a validator that reads several fields must name them here.
+    VALIDATED_TOGETHER: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "dataset", "dataset_options")
 
     @model_validator(mode="after")
     def _keep_chosen_options(self) -> RunSettings:
