@@ -6,21 +6,37 @@ it into exit code 2 before anything is trained or logged.
 
 The run settings are validated cell by cell (defaults, then each matrix value, then each include
 entry), so an error points at the place in the file the bad value came from.
+
+Hostile input is refused with the same kind of message, never a traceback or a hang: a file that is
+not UTF-8 text, nesting deeper than MAX_DEPTH, YAML aliases that expand past MAX_NODES values (a
+"billion laughs"), keys that are lists or mappings, numbers that are not finite (.inf, .nan, 1e400),
+whole numbers beyond 64 bits, and true/false where a number belongs.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 ENV_DATA_DIR = "VAEBENCH_DATA_DIR"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# An experiments file nests about 6 levels deep and holds a few hundred values; these bound what a
+# hostile one costs (aliases are counted as often as they are used).
+MAX_DEPTH = 32
+MAX_NODES = 1_000_000
+MAX_BYTES = 8 * 2**20  # 100,000 include entries fit in half of it
+INT64_MAX = 2**63 - 1  # what torch, numpy, SQLite (MLflow, Optuna) can hold
 
 
 class ConfigError(Exception):
@@ -28,12 +44,76 @@ class ConfigError(Exception):
 
     def __init__(self, file: str | os.PathLike, problems: list[str]):
         self.file = str(file)
-        self.problems = problems
-        super().__init__("\n".join(f"{self.file}:{p}" for p in problems))
+        self.problems = [p.translate(_LINE_BREAKS) for p in problems]  # a key may hold a line break
+        super().__init__("\n".join(f"{self.file}:{p}" for p in self.problems))
+
+
+# Characters str.splitlines() breaks at -> their escapes.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: "inf", "nan" and overflowing literals are no number a run can use.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _plain_numbers(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `latent_dim: true` as 1 and takes integers of any size.
+        if isinstance(value, (bool, list)):
+            problem = _bool_problem(cls.model_fields[info.field_name].annotation, value)
+            if problem:
+                raise ValueError(problem)
+        out = handler(value)
+        if (type(out) is int and abs(out) > INT64_MAX) or (
+                isinstance(out, list) and any(type(v) is int and abs(v) > INT64_MAX for v in out)):
+            raise ValueError(f"beyond the 64-bit range; allowed: whole numbers up to {INT64_MAX:.3g} in size")
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _number_kind(annotation: Any) -> str | None:
+    """'whole number' or 'number' when a field takes numbers but not booleans, else None."""
+    def takes(a: Any) -> set[str]:
+        origin, args = typing.get_origin(a), typing.get_args(a)
+        if origin is typing.Annotated:
+            return takes(args[0])
+        if origin in (Union, types.UnionType):
+            return set().union(*(takes(x) for x in args))
+        if origin is Literal:
+            return {"bool" if isinstance(x, bool) else "int" if isinstance(x, int) else "other" for x in args}
+        return {"bool"} if a is bool else {"int"} if a is int else {"float"} if a is float else \
+            {"bool"} if a is Any else set() if a is type(None) else {"other"}
+
+    kinds = takes(annotation)
+    if "bool" in kinds or not kinds & {"int", "float"}:
+        return None
+    return "number" if "float" in kinds else "whole number"
+
+
+def _bool_problem(annotation: Any, value: Any) -> str | None:
+    """YAML's true/false where a number (or a list of numbers) belongs; pydantic reads them as 1/0."""
+    if isinstance(value, bool):
+        kind = _number_kind(annotation)
+    elif isinstance(value, list) and typing.get_origin(annotation) is list and any(isinstance(v, bool) for v in value):
+        kind = _number_kind(typing.get_args(annotation)[0])
+    else:
+        return None
+    return f"expected a {kind}, not true/false" if kind else None
+
+
+def _listing(values: list, limit: int = 12) -> str:
+    """The allowed values of an axis, for a message: the first few when there are many."""
+    shown = ", ".join(_show(v, 40) if not isinstance(v, str) else v[:40] for v in values[:limit])
+    return shown + (f", ... ({len(values)} values)" if len(values) > limit else "")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() for messages, cut short: a value from a hostile file can be huge."""
+    if type(value) is int and abs(value) > 10**limit:
+        return f"<a {len(str(abs(value)))}-digit number>" if abs(value) < 10**4000 else "<a huge number>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
 
 
 # --- run settings: one matrix cell -------------------------------------------------------------
@@ -175,10 +255,18 @@ def _validate_block(registry: dict, name: str, options: dict, what: str, schema_
     if name not in registry:
         raise ValueError(f"options for unknown {what} {name!r}; allowed: {', '.join(sorted(registry))}")
     schema = schema_of(registry[name])
+    # Option schemas are plain pydantic models next to their arch/dataset: hold them to our number rules.
+    for key, value in options.items():
+        problem = key in schema.model_fields and _bool_problem(schema.model_fields[key].annotation, value)
+        if problem:
+            raise ValueError(f"{name}.{key}: {_show(value)}: {problem}")
     try:
-        return schema.model_validate(options).model_dump()
+        out = schema.model_validate(options).model_dump()
     except ValidationError as e:
         raise ValueError(f"{name}.{_first_message(e, schema)}") from None
+    for path, problem in _number_problems(out):
+        raise ValueError(f"{name}.{_fmt_path(path)}: {problem}")
+    return out
 
 
 def _first_message(e: ValidationError, schema: type[BaseModel] | None = None) -> str:
@@ -190,8 +278,26 @@ def _first_message(e: ValidationError, schema: type[BaseModel] | None = None) ->
         elif err["type"] == "missing":
             parts.append(f"{loc}: required")
         else:
-            parts.append(f"{loc}: {err['input']!r}: {err['msg']}")
+            parts.append(f"{loc}: {_show(err['input'])}: {err['msg']}")
     return "; ".join(parts)
+
+
+def _number_problems(value: Any, path: tuple = ()) -> typing.Iterator[tuple[tuple, str]]:
+    """(key path, message) for every number in `value` (a loaded YAML document or part of one) that
+    no setting can take: not finite, or an integer beyond 64 bits. Keys included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, (f"{value}: not a finite number (.inf, .nan or a literal beyond 1.8e308 such as 1e400); "
+                     "allowed: finite numbers")
+    elif type(value) is int and abs(value) > INT64_MAX:
+        yield path, f"{_show(value)}: beyond the 64-bit range; allowed: whole numbers up to {INT64_MAX:.3g} in size"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            for _, message in _number_problems(k):
+                yield path + (k,), f"key {message}"
+            yield from _number_problems(v, path + (k,))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for i, v in enumerate(value):
+            yield from _number_problems(v, path + (i,))
 
 
 SETTING_NAMES = tuple(RunSettings.model_fields)
@@ -365,21 +471,98 @@ class Experiment(_Strict):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one), keys that
+    are lists or mappings, and nesting deeper than MAX_DEPTH (PyYAML composes recursively and would
+    hit Python's recursion limit); it reads 1e-3 and 1e400 as numbers, as YAML 1.2 does (PyYAML's
+    YAML 1.1 takes them for text, which an exclude rule then never matches)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as e:  # a 5000-digit integer, the date 2001-13-45, ...
+            problem = f"a {len(node.value)}-digit integer is beyond the 64-bit range" \
+                if node.tag == "tag:yaml.org,2002:int" else f"{_show(node.value)}: {e}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:  # `<<: *defaults`: keys given next to it override the merged ones
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be text or a number, not a list or a mapping", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                None, None, f"duplicate key {_show(key)} (first at line {seen[key] + 1})", key_node.start_mark)
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _document_problem(root: yaml.Node) -> tuple[yaml.Node, str] | None:
+    """(node, message) when the document, with every alias expanded as the loader will see it, is
+    recursive, nests deeper than MAX_DEPTH or holds more than MAX_NODES values. Iterative, and each
+    node is measured once: a "billion laughs" file costs what its text costs, not what it expands to."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    started: set[int] = set()  # nodes whose children are being measured: the current ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            started.discard(id(node))
+            kids = children(node)
+            size[id(node)] = min(1 + sum(size[id(c)] for c in kids), MAX_NODES + 1)
+            depth[id(node)] = 1 + max((depth[id(c)] for c in kids), default=0)
+            if depth[id(node)] > MAX_DEPTH:
+                return node, f"nested deeper than {MAX_DEPTH} levels once its aliases are expanded"
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in started:
+            return node, "an alias refers to its own anchor (a recursive structure)"
+        started.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in size)
+    if size[id(root)] > MAX_NODES:
+        big = root
+        while True:  # point at the innermost node that is too big on its own
+            inner = next((c for c in children(big) if size[id(c)] > MAX_NODES), None)
+            if inner is None:
+                break
+            big = inner
+        return big, (f"the document holds more than {MAX_NODES:,} values once its aliases are expanded "
+                     f"(each alias repeats what its anchor holds); the limit is {MAX_NODES:,}")
+    return None
 
 
 def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
@@ -402,7 +585,12 @@ def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
 def _fmt_path(path: tuple) -> str:
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int) and not isinstance(p, bool):
+            out += f"[{p}]"
+            continue
+        # a key as written, unless it would not read as one (empty, blanks, unprintable, not text)
+        name = p if isinstance(p, str) and p.isprintable() and p and p.strip() == p and " " not in p else repr(p)
+        out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -412,8 +600,9 @@ class _Problems:
     def __init__(self, root: yaml.Node | None):
         self.root, self.items = root, []
 
-    def add(self, path: tuple, message: str) -> None:
-        line = _line_of(self.root, path)
+    def add(self, path: tuple, message: str, at: tuple | None = None) -> None:
+        """`at`: where to look up the line, when it is not `path` (a bad key is shown at its parent)."""
+        line = _line_of(self.root, path if at is None else at)
         where = f"{line}: " if line else " "
         self.items.append(f"{where}{_fmt_path(path)}: {message}")
 
@@ -423,11 +612,17 @@ class _Problems:
             # pydantic prefixes union members ("float", "literal[...]"): keep the YAML-shaped path
             loc = tuple(x for x in loc if not (isinstance(x, str) and x.startswith(("literal[", "constrained-"))))
             msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # `3: x` where a name belongs
+                parent, key = (loc[:-1], loc[-1]) if e["type"] == "invalid_key" else (loc[:-2], loc[-2])
+                allowed = _allowed_keys(prefix + parent)
+                self.add(prefix + parent, f"key {_show(key)} is not text; keys are names"
+                         + (f"; allowed: {', '.join(allowed)}" if allowed else ""), at=prefix + loc[:-1])
+                continue
             if e["type"] == "extra_forbidden":
                 allowed = _allowed_keys(prefix + loc[:-1])
                 msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
             elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
-                msg = f"{e['input']!r}: {msg}"
+                msg = f"{_show(e['input'])}: {msg}"
             self.add(prefix + loc, msg)
 
 
@@ -453,20 +648,27 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     """Read, validate and return the experiments file; raise ConfigError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(path, [f" cannot read the file: {e.strerror or e}"]) from None
+        with path.open("rb") as f:  # at most MAX_BYTES + 1: `vaebench ls /dev/zero` must not hang
+            data = f.read(MAX_BYTES + 1)
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise ConfigError(path, [f" cannot read the file: {getattr(e, 'strerror', None) or e}"]) from None
+    if len(data) > MAX_BYTES:
+        raise ConfigError(path, [f" cannot read the file: it is larger than {MAX_BYTES // 2**20} MiB, the limit "
+                                 "for an experiments file"])
     try:
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{mark.line + 1}: " if mark else " "
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(path, [f"{where}invalid YAML: {problem}"]) from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(path, [f"{line}: cannot read the file: it is not UTF-8 text "
+                                 f"(byte 0x{data[e.start]:02x} at offset {e.start})"]) from None
+    root, raw = _parse(path, text)
     if not isinstance(raw, dict):
         raise ConfigError(path, [" the file must be a mapping with at least `name` and `matrix`"])
     problems = _Problems(root)
+    for where, message in _number_problems(raw):
+        problems.add(where, message)
+    if problems.items:  # before the schema, which would only repeat them less precisely
+        raise ConfigError(path, problems.items)
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:
@@ -489,6 +691,42 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     return exp
 
 
+def _parse(path: Path, text: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree (for line numbers) and the document it holds, parsed once."""
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)
+        root = loader.get_single_node()
+        bad = _document_problem(root) if root is not None else None
+        if bad:
+            node, message = bad
+            raise yaml.composer.ComposerError(None, None, message, node.start_mark)
+        return root, loader.construct_document(root) if root is not None else None
+    except yaml.reader.ReaderError as e:  # a control character; it has a position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        char = chr(e.character) if isinstance(e.character, int) else e.character
+        raise ConfigError(path, [f"{line}: invalid YAML: character {char!r} is not allowed "
+                                 "(control characters cannot appear in YAML text)"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{mark.line + 1}: " if mark else " "
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [f"{where}invalid YAML: {problem}"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+_EMPTY_PART = "{!r} is not a setting path: a dotted path has a name between every two dots, e.g. kl_anneal.epochs"
+
+
+def _canonical(value: Any) -> Any:
+    """What makes two values of an axis the same cell: 4 and 4.0 are, true and 1 are not."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value))
+    return repr(value)
+
+
 def _check_settings(exp: Experiment, problems: _Problems) -> None:
     """Validate defaults, each matrix value and each include entry as run settings."""
     from vaebench.matrix import apply_setting, split_axis
@@ -503,6 +741,9 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
     seen: dict[str, str] = {}
     for axis, values in exp.matrix.items():
         head, _ = split_axis(axis)
+        if "" in axis.split(".") and head in SETTING_NAMES:
+            problems.add(("matrix", axis), _EMPTY_PART.format(axis))
+            continue
         if head not in SETTING_NAMES:
             problems.add(("matrix", axis), f"unknown setting {head!r}; allowed axes: {', '.join(SETTING_NAMES)}")
             continue
@@ -515,22 +756,28 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
         seen[head] = axis
         if not values:
             problems.add(("matrix", axis), "empty list: an axis needs at least one value")
-        if len({repr(v) for v in values}) != len(values):
-            problems.add(("matrix", axis), f"duplicate values {values}")
+        first: dict[Any, int] = {}
+        for i, value in enumerate(values):
+            j = first.setdefault(_canonical(value), i)
+            if j != i:  # 4 and 4.0 are one cell
+                problems.add(("matrix", axis, i), f"duplicate value {_show(value)} (also at [{j}])")
+                break
         for i, value in enumerate(values):
             try:
                 RunSettings.model_validate(apply_setting(exp.defaults, axis, value))
             except ValidationError as e:
                 for err in e.errors():
                     msg = err["msg"].removeprefix("Value error, ")
-                    problems.add(("matrix", axis, i), f"{value!r}: {msg}")
+                    problems.add(("matrix", axis, i), f"{_show(value)}: {msg}")
             except (TypeError, ValueError) as e:
-                problems.add(("matrix", axis, i), f"{value!r}: {e}")
+                problems.add(("matrix", axis, i), f"{_show(value)}: {e}")
     for kind in ("include", "exclude"):
         for i, entry in enumerate(getattr(exp, kind)):
             for key in entry:
                 if split_axis(key)[0] not in SETTING_NAMES:
                     problems.add((kind, i, key), f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+                elif "" in key.split("."):
+                    problems.add((kind, i, key), _EMPTY_PART.format(key))
         if kind == "include":
             for i, entry in enumerate(exp.include):
                 cell = dict(exp.defaults)
@@ -603,13 +850,15 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         head, _ = split_axis(key)
         if head not in SETTING_NAMES:
             problems.add(("tune", "cell", key), f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+        elif "" in key.split("."):
+            problems.add(("tune", "cell", key), _EMPTY_PART.format(key))
         elif key in exp.matrix and not any(same_value(value, v) for v in exp.matrix[key]):
-            problems.add(("tune", "cell", key), f"{value!r} is not a value of the matrix axis {key!r}; "
-                                                f"allowed: {', '.join(map(str, exp.matrix[key]))}")
+            problems.add(("tune", "cell", key), f"{_show(value)} is not a value of the matrix axis {key!r}; "
+                                                f"allowed: {_listing(exp.matrix[key])}")
     missing = [a for a, vs in exp.matrix.items() if len(vs) > 1 and a not in t.cell and a not in t.space]
     if missing:
         problems.add(("tune", "cell"), "pick one matrix cell for the study: give a value for "
-                     + ", ".join(f"{a!r} (one of {', '.join(map(str, exp.matrix[a]))})" for a in missing))
+                     + ", ".join(f"{a!r} (one of {_listing(exp.matrix[a])})" for a in missing))
     if len(problems.items) > n_problems:
         return
     base = tune_base_settings(exp)
@@ -628,6 +877,9 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         head, rest = split_axis(key)
         if head not in SETTING_NAMES:
             problems.add(where, f"unknown setting {head!r}; allowed: {', '.join(SETTING_NAMES)}")
+            continue
+        if "" in key.split("."):
+            problems.add(where, _EMPTY_PART.format(key))
             continue
         if head in ("seed", "device"):
             problems.add(where, f"{head!r} is not a hyperparameter (set it in defaults or tune.cell)")
@@ -721,10 +973,11 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
                 problems.add(("tune", "enqueue", i, key), f"not in the space; allowed: {', '.join(t.space)}")
             elif p.choices is not None:
                 if not any(same_value(value, c) for c in p.choices):
-                    problems.add(("tune", "enqueue", i, key), f"{value!r} is not one of the choices {p.choices}")
+                    problems.add(("tune", "enqueue", i, key),
+                                 f"{_show(value)} is not one of the choices {_show(p.choices)}")
             elif p.low is not None and p.high is not None and (
                     isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high):
-                problems.add(("tune", "enqueue", i, key), f"{value!r} is outside [{p.low}, {p.high}]")
+                problems.add(("tune", "enqueue", i, key), f"{_show(value)} is outside [{p.low}, {p.high}]")
 
 
 def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, problems: _Problems) -> None:
@@ -738,9 +991,9 @@ def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, prob
             return True
         except ValidationError as e:
             msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-            problems.add(at, f"{value!r} is not a valid {key}: {msg}")
+            problems.add(at, f"{_show(value)} is not a valid {key}: {msg}")
         except (TypeError, ValueError) as e:
-            problems.add(at, f"{value!r}: {e}")
+            problems.add(at, f"{_show(value)}: {e}")
         return False
 
     if kind == "categorical":
@@ -751,7 +1004,7 @@ def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, prob
             problems.add(where + ("choices",), "empty list: give at least one choice")
             return
         if len({repr(c) for c in p.choices}) != len(p.choices):
-            problems.add(where + ("choices",), f"duplicate choices {p.choices}")
+            problems.add(where + ("choices",), f"duplicate choices {_show(p.choices)}")
         for field in ("low", "high", "step"):
             if getattr(p, field) is not None:
                 problems.add(where + (field,), "not used with `choices` (a range takes low/high, a list takes choices)")
@@ -811,6 +1064,6 @@ def _check_optuna_options(what: str, name: str, options: dict[str, Any]) -> list
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 cls(**options)
-        except (TypeError, ValueError) as e:
-            out.append((None, f"{cls.__name__} rejects {options}: {e}"))
+        except Exception as e:  # noqa: BLE001 - any failure of the class on these options is the user's to fix
+            out.append((None, f"{cls.__name__} rejects {_show(options)}: {type(e).__name__}: {e}"))
     return out
