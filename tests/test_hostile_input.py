@@ -1,7 +1,7 @@
-"""Hostile input, property-based: every experiments file and `tune:` section either loads or fails
-with a clear validation error (ConfigError, exit code 2 from the CLI with the file named on every
-problem line): never another exception, never a traceback, never a hang. The real loader and the
-real `cli.main`, in process.
+"""Hostile input, property-based: every experiments file, `tune:` section and `--only` filter either
+loads or fails with a clear validation error (ConfigError / SelectionError, exit code 2 from the
+CLI with the file named on every problem line): never another exception, never a traceback, never
+a hang. The real loader and the real `cli.main`, in process.
 
 Plus the examples the properties found (or that the issue names), one test each.
 """
@@ -306,6 +306,31 @@ def test_deep_nesting_is_refused_not_a_recursion_error(depth: int, kind: str, wh
             assert result == "refused"
 
 
+ONLY_KEYS = st.one_of(st.sampled_from(SETTING_NAMES), st.sampled_from(["kl_anneal.epochs", "arch_options.mlp.hidden",
+                                                                        "kl_anneal.", "", "seed"]), st.text(max_size=6))
+ONLY_VALUES = st.one_of(st.text(max_size=20), st.sampled_from(
+    ["vae", "4", "4.0", "1e-3", ".nan", "-.inf", "1e400", "[", "[1, 2]", "{a: 1}", "&a [*a]", "!!binary aGk=",
+     "!!python/name:os.system", "=", "2001-13-45", "1" * 5000, "[" * 2000, "true", "~", "'quoted'"]))
+
+
+@pytest.mark.timeout(300)
+@HOSTILE
+@given(items=st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", ONLY_KEYS, ONLY_VALUES), st.text(max_size=10)),
+                      min_size=1, max_size=3))
+def test_random_only_filters_select_or_fail_cleanly(items: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = tmp_path_factory.getbasetemp() / "only.yaml"
+    if not path.exists():
+        path.write_text("name: only\nseeds: [0, 1]\ndefaults: {dataset: digits}\n"
+                        "matrix:\n  model: [ae, vae]\n  beta: [1.0, 4]\n  kl_anneal.epochs: [0, 2]\n")
+    code, out, err = cli("ls", str(path), *(f"--only={item}" for item in items))
+    assert code in (0, 2), err
+    if code == 0:
+        assert "cells in 'only'" in out
+    else:
+        assert err.startswith("error: --only ") or err.startswith("error: no cell of the matrix matches"), err
+        assert "Traceback" not in err and len(err) < 20_000
+
+
 # --- what the properties found, and what the issue names: one example each -----------------------
 
 GOOD = "name: x\ndefaults: {dataset: digits}\nmatrix:\n  model: [ae, vae]\n"
@@ -481,3 +506,21 @@ def test_exponent_without_a_dot_is_a_number(write_yaml) -> None:
     path = write_yaml(GOOD.replace("ae, vae", "vae") + "  lr: [1e-3, 2.0e-3]\nexclude:\n  - {lr: 1e-3}\n")
     specs = expand(load_experiment(path))
     assert [s.settings.lr for s in specs] == [0.002]
+
+
+def test_only_matches_a_number_written_with_an_exponent(write_yaml) -> None:
+    path = write_yaml(GOOD + "  lr: [0.001, 0.002]\n")
+    code, out, err = cli("ls", str(path), "--only", "lr=1e-3")  # PyYAML reads the value as text
+    assert code == 0 and "2 cells" in out, err
+
+
+@pytest.mark.parametrize("value,message", [
+    ("[", "--only 'beta=[': the value is not valid YAML"),
+    ("!!python/name:os.system", "the value is not valid YAML (could not determine a constructor"),
+    ("[" * 3000, "the value is not valid YAML"),
+    ("1" * 5000, "the value is not valid YAML"),
+    (".nan", "--only 'beta=.nan': not a finite number"),
+])
+def test_bad_only_values_exit_2(write_yaml, value: str, message: str) -> None:
+    code, _, err = cli("ls", str(write_yaml(GOOD)), "--only", f"beta={value}")
+    assert code == 2 and message in err and "Traceback" not in err and len(err) < 1_000

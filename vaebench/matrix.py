@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,10 +250,26 @@ def setting_value(spec: RunSpec, key: str) -> Any:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    """Equality as a user writes values in YAML: `4` equals `4.0`, `true` is not `1`."""
+    """Equality as a user writes values in YAML or on the command line: `4` equals `4.0`, a number
+    equals its text (`--only lr=1e-3`: PyYAML reads 1e-3 as text), `true` is not `1`."""
+    if _is_num(a) and isinstance(b, str):
+        b = _number_in(b)
+    elif _is_num(b) and isinstance(a, str):
+        a = _number_in(a)
     if _is_num(a) and _is_num(b):
         return float(a) == float(b)
     return a == b
+
+
+_NUMBER_TEXT = re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$")
+
+
+def _number_in(text: str) -> Any:
+    """The finite number `text` spells (1e-3, 4, -0.5), else `text` itself."""
+    if not _NUMBER_TEXT.match(text):
+        return text
+    number = float(text.replace("_", ""))
+    return number if math.isfinite(number) else text
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
