@@ -178,3 +178,13 @@ def test_a_killed_group_resumes_each_member_from_its_own_checkpoint(write_yaml, 
         steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
         assert steps == list(range(60)), "every epoch logged exactly once"
 
+
+
+def test_compile_off_is_taken_as_written_in_the_file_and_in_only(write_yaml) -> None:
+    path = study(write_yaml, epochs=1, extra="include:\n  - {compile: off, beta: 8.0}\n")
+    exp = load_experiment(path)
+    from vaebench.matrix import expand
+    from vaebench.runner import parse_only, select
+
+    (cell,) = select(expand(exp), parse_only(["compile=off", "seed=0"]))
+    assert cell.settings.compile == "off" and cell.settings.beta == 8.0

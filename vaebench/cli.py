@@ -28,9 +28,30 @@ def _load(args: argparse.Namespace):
 
 
 def _only(args: argparse.Namespace) -> dict[str, list[Any]]:
-    from vaebench.runner import parse_only
+    import math
 
-    return parse_only(args.only or [])
+    import yaml
+
+    from vaebench.runner import SelectionError, parse_only
+
+    only: dict[str, list[Any]] = {}
+    for item in args.only or []:
+        shown = repr(item if len(item) <= 60 else item[:55] + "...")
+        # one at a time, so that an error names its filter; the value is YAML, which can fail to
+        # parse (`beta=[`, `x=!!python/name:os.system`) or hold what no setting takes
+        try:
+            parsed = parse_only([item])
+        except SelectionError:
+            raise
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SelectionError(f"--only {shown}: the value is not valid YAML ({problem[:200]}); "
+                                 "quote text that YAML reads otherwise, e.g. --only 'dataset=\"x: y\"'") from None
+        for key, values in parsed.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise SelectionError(f"--only {shown}: not a finite number; allowed: finite numbers")
+            only.setdefault(key, []).extend(values)
+    return only
 
 
 @contextlib.contextmanager

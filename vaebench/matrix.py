@@ -4,14 +4,20 @@ A cell's run key is a hash of its canonical resolved settings: the same cell get
 whatever the ordering or formatting of the YAML (4 vs 4.0, key order, defaults spelled out or
 not). `device` and `compile` are left out of the key: where and how a run trains does not change
 what it is.
+
+A matrix of more than MAX_CELLS cells is refused before anything is expanded; up to that, it
+expands at about 20 us a cell (benchmarks/bench_matrix.py): each combination of a group of axis
+values is validated once, not every cell (`_matrix_cells`).
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import itertools
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +26,9 @@ from pydantic import ValidationError
 from vaebench.config import Experiment, RunSettings
 
 KEY_EXCLUDES = {"device", "compile"}  # where and how a run executes, not what it is
+# Beyond this a study is several studies: a sweep of 10^5 cells is already months of GPU time, and
+# the limit keeps `vaebench ls` of a runaway matrix (10 axes x 10 values) from eating the machine.
+MAX_CELLS = 100_000
 # Short forms for run names, in the order they appear: vae-conv-z16-b4-mean-mnist-s0.
 NAME_PARTS: dict[str, str] = {"model": "{}", "arch": "{}", "latent_dim": "z{}", "beta": "b{}",
                               "reduction": "{}", "dataset": "{}"}
@@ -49,57 +58,86 @@ def split_axis(axis: str) -> tuple[str, list[str]]:
 
 
 def apply_setting(settings: dict[str, Any], axis: str, value: Any) -> dict[str, Any]:
-    """Return a copy of `settings` with `axis` (a setting name or dotted path) set to `value`."""
+    """Return `settings` with `axis` (a setting name or dotted path) set to `value`, leaving
+    `settings` as it was: the dicts along the path are copied, everything else is shared (a cell is
+    built from the defaults this way once per axis, so a deep copy would dominate expansion)."""
     head, rest = split_axis(axis)
-    out = copy.deepcopy(settings)
+    out = dict(settings)
     if not rest:
         out[head] = value
         return out
-    node = out.setdefault(head, {})
-    for part in rest[:-1]:
-        if not isinstance(node, dict):
-            raise ValueError(f"{axis!r}: {part!r} is not a mapping")
-        node = node.setdefault(part, {})
-    if not isinstance(node, dict):
-        raise ValueError(f"{axis!r} does not point into a mapping setting")
+    node = out
+    for i, part in enumerate([head, *rest[:-1]]):
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            where = ".".join([head, *rest][:i + 1])
+            raise ValueError(f"{axis!r} does not point into a mapping setting ({where!r} is {_show_type(child)})")
+        node[part] = node = dict(child)
     node[rest[-1]] = value
     return out
 
 
+def _show_type(v: Any) -> str:
+    return "null" if v is None else f"{type(v).__name__} {v!r}"[:60]
+
+
 def run_key(settings: RunSettings) -> str:
-    canonical = json.dumps(settings.model_dump(mode="json", exclude=KEY_EXCLUDES),
+    return _key_of(settings.model_dump(mode="json"))
+
+
+def _key_of(dumped: dict[str, Any]) -> str:
+    """The run key of settings dumped in JSON mode."""
+    canonical = json.dumps({k: v for k, v in dumped.items() if k not in KEY_EXCLUDES},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _fragment(setting: str, value: Any) -> str:
+    """`"setting":value` exactly as `_key_of`'s json.dumps writes it, so that a cell's canonical
+    text can be joined from fragments made once per axis value (sorted keys, no spaces)."""
+    return json.dumps({setting: value}, sort_keys=True, separators=(",", ":"))[1:-1]
 
 
 def run_name(settings: RunSettings, axes: dict[str, Any]) -> str:
     """Named from the axis values, fixed parts first: `vae-conv-z16-b4-mean-mnist-s0`."""
     parts = [fmt.format(_short(getattr(settings, k))) for k, fmt in NAME_PARTS.items()]
-    for axis, value in axes.items():
-        if split_axis(axis)[0] not in NAME_PARTS and axis != "seed":
-            parts.append(f"{axis.split('.')[-1]}{_short(value)}")
+    parts += [f"{label}{_short(axes[axis])}" for axis, label in _named_axes(tuple(axes))]
     parts.append(f"s{settings.seed}")
     return "-".join(parts)
 
 
+@functools.lru_cache(maxsize=256)
+def _named_axes(axes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(axis, label) of the axes a run name spells out after the fixed parts (once per set of axes:
+    every cell of a matrix has the same ones)."""
+    return [(a, a.split(".")[-1]) for a in axes if split_axis(a)[0] not in NAME_PARTS and a != "seed"]
+
+
+def cell_count(exp: Experiment) -> int:
+    """The cells the file asks for, before exclusions and de-duplication: the product of the axis
+    lengths times the seeds, plus each include entry (times the seeds unless it sets `seed`)."""
+    n = math.prod(len(values) for values in exp.matrix.values()) * len(exp.seeds) if exp.matrix else 0
+    return n + sum(1 if "seed" in entry else len(exp.seeds) for entry in exp.include)
+
+
 def expand(exp: Experiment) -> list[RunSpec]:
     """The cells of the matrix, minus exclusions, plus inclusions, times seeds; in file order,
-    de-duplicated by run key."""
-    axes = list(exp.matrix.items())
-    cells: list[tuple[dict[str, Any], tuple]] = []  # (axis values, where it came from)
-    for combo in itertools.product(*(values for _, values in axes)) if axes else []:
-        values = dict(zip((a for a, _ in axes), combo))
-        cells.append((values, ("matrix",)))
+    de-duplicated by run key. Refuses (MatrixError) a file that asks for more than MAX_CELLS."""
+    n = cell_count(exp)
+    if n > MAX_CELLS:
+        sizes = " x ".join(str(len(values)) for values in exp.matrix.values()) or "no axes"
+        raise MatrixError(("matrix",) if exp.matrix else ("include",),
+                          f"the matrix would make {n:,} cells ({sizes} values x {len(exp.seeds)} seeds, plus "
+                          f"{len(exp.include)} include entries); the limit is {MAX_CELLS:,} cells: split the "
+                          "study into several files, or drop axis values")
     specs: dict[str, RunSpec] = {}
-    for values, origin in cells:
-        for seed in exp.seeds:
-            spec = _make_spec(exp, {**values, "seed": seed}, origin)
-            if not any(_matches(spec, rule) for rule in exp.exclude):
-                specs.setdefault(spec.key, spec)
+    for spec in _matrix_cells(exp) if exp.matrix else []:
+        if spec is not None:
+            specs.setdefault(spec.key, spec)
     for i, entry in enumerate(exp.include):
         seeds = [entry["seed"]] if "seed" in entry else exp.seeds
         for seed in seeds:
-            spec = _make_spec(exp, {**entry, "seed": seed}, ("include", i))
+            spec = _make_spec(exp.defaults, {**entry, "seed": seed}, ("include", i), [])
             specs.setdefault(spec.key, spec)
     if not specs:
         raise MatrixError(("exclude",) if exp.exclude else ("matrix",),
@@ -107,8 +145,90 @@ def expand(exp: Experiment) -> list[RunSpec]:
     return list(specs.values())
 
 
-def _make_spec(exp: Experiment, axes: dict[str, Any], origin: tuple) -> RunSpec:
-    raw = dict(exp.defaults)
+def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
+    """The matrix's cells (None where an exclude rule removes one), validated per group of axes
+    instead of per cell: the axes that set one setting, or settings validated together
+    (RunSettings.VALIDATED_TOGETHER), form a group; each combination of a group's values is
+    validated once, with the defaults, and a cell is the validated defaults with every group's
+    fields put in. That is what validating each cell gives (no other validator reads two fields)
+    at a fraction of the cost. Any invalid combination falls back to validating cell by cell, so
+    the error is the one that cell gets."""
+    axes = [*exp.matrix.items(), ("seed", exp.seeds)]
+    together = set(RunSettings.VALIDATED_TOGETHER)
+    groups: dict[str, list[int]] = {}  # group -> indices into `axes`
+    for i, (axis, _) in enumerate(axes):
+        head = split_axis(axis)[0]
+        groups.setdefault("together" if head in together else head, []).append(i)
+    try:
+        base = RunSettings.model_validate(exp.defaults)
+        parts = [_group_parts(exp.defaults, [axes[i] for i in members],
+                              RunSettings.VALIDATED_TOGETHER if name == "together" else (name,))
+                 for name, members in groups.items()]
+    except ValidationError:
+        return [_make_spec(exp.defaults, {**dict(zip(exp.matrix, combo)), "seed": seed}, ("matrix",), exp.exclude)
+                for combo in itertools.product(*exp.matrix.values()) for seed in exp.seeds]
+    base_dump = base.model_dump(mode="json")
+    base_flat = {f: flatten({f: v}) for f, v in base_dump.items()}  # setting -> its flattened entries
+    base_text = {f: _fragment(f, v) for f, v in base_dump.items() if f not in KEY_EXCLUDES}
+    key_order = sorted(base_text)
+    members = [groups[name] for name in groups]
+    names = [axis for axis, _ in axes]
+    # exclude rules as (setting, key, value): a key's value is looked up in its setting's entries
+    rules = [[(split_axis(k)[0], k, want) for k, want in rule.items()] for rule in exp.exclude]
+    out: list[RunSpec | None] = []
+    for combo in itertools.product(*(range(len(values)) for _, values in axes)):
+        chosen = [group[tuple(combo[i] for i in idx)] for group, idx in zip(parts, members)]
+        if rules:
+            dumped, flat = dict(base_dump), dict(base_flat)
+            for part in chosen:
+                dumped.update(part.dumped)
+                flat.update(part.flat)
+            if any(all(same_value(flat.get(head, {}).get(k, dumped.get(k)), want) for head, k, want in rule)
+                   for rule in rules):
+                out.append(None)
+                continue
+        fields, text = {}, dict(base_text)
+        for part in chosen:
+            fields.update(part.fields)
+            text.update(part.text)
+        cell = {name: axes[i][1][j] for i, (name, j) in enumerate(zip(names, combo))}
+        settings = base.model_copy(update=fields)
+        canonical = "{" + ",".join(text[f] for f in key_order) + "}"  # == _key_of(dumped)'s text
+        key = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        out.append(RunSpec(settings=settings, axes=cell, key=key, name=run_name(settings, cell)))
+    return out
+
+
+@dataclass
+class _Part:
+    """The validated fields one combination of a group's axis values gives a cell."""
+
+    fields: dict[str, Any]   # setting -> validated value
+    dumped: dict[str, Any]   # setting -> value dumped in JSON mode
+    flat: dict[str, dict]    # setting -> its flattened entries (for exclude rules)
+    text: dict[str, str]     # setting -> its fragment of the run key's canonical text
+
+
+def _group_parts(defaults: dict[str, Any], axes: list[tuple[str, list]], heads: tuple[str, ...]) -> dict[tuple, _Part]:
+    """Each combination of these axes' values (by index) -> the fields it gives. Raises
+    ValidationError for an invalid combination."""
+    out: dict[tuple, _Part] = {}
+    for combo in itertools.product(*(range(len(values)) for _, values in axes)):
+        raw = defaults
+        for (axis, values), j in zip(axes, combo):
+            raw = apply_setting(raw, axis, values[j])
+        settings = RunSettings.model_validate(raw)
+        dumped = settings.model_dump(mode="json", include=set(heads))
+        out[combo] = _Part({h: getattr(settings, h) for h in heads}, dumped,
+                           {h: flatten({h: v}) for h, v in dumped.items()},
+                           {h: _fragment(h, v) for h, v in dumped.items() if h not in KEY_EXCLUDES})
+    return out
+
+
+def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
+               exclude: list[dict[str, Any]]) -> RunSpec | None:
+    """The cell's RunSpec, or None when an exclude rule matches it."""
+    raw = defaults
     for axis, value in axes.items():
         raw = apply_setting(raw, axis, value)
     try:
@@ -116,7 +236,12 @@ def _make_spec(exp: Experiment, axes: dict[str, Any], origin: tuple) -> RunSpec:
     except ValidationError as e:
         err = e.errors()[0]
         raise MatrixError(origin, f"the cell {axes} is invalid: {err['msg']}") from None
-    return RunSpec(settings=settings, axes=axes, key=run_key(settings), name=run_name(settings, axes))
+    dumped = settings.model_dump(mode="json")
+    if exclude:
+        flat = flatten(dumped)
+        if any(all(same_value(flat.get(k, dumped.get(k)), want) for k, want in rule.items()) for rule in exclude):
+            return None
+    return RunSpec(settings=settings, axes=axes, key=_key_of(dumped), name=run_name(settings, axes))
 
 
 def setting_value(spec: RunSpec, key: str) -> Any:
@@ -126,16 +251,26 @@ def setting_value(spec: RunSpec, key: str) -> Any:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    """Equality as a user writes values in YAML: `4` equals `4.0`, `true` is not `1`."""
+    """Equality as a user writes values in YAML or on the command line: `4` equals `4.0`, a number
+    equals its text (`--only lr=1e-3`: PyYAML reads 1e-3 as text), `true` is not `1`."""
+    if _is_num(a) and isinstance(b, str):
+        b = _number_in(b)
+    elif _is_num(b) and isinstance(a, str):
+        a = _number_in(a)
     if _is_num(a) and _is_num(b):
         return float(a) == float(b)
     return a == b
 
 
-def _matches(spec: RunSpec, rule: dict[str, Any]) -> bool:
-    """An exclude rule matches when every key equals the cell's resolved value (so `beta: 4`
-    matches a cell with beta 4.0)."""
-    return all(same_value(setting_value(spec, key), want) for key, want in rule.items())
+_NUMBER_TEXT = re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$")
+
+
+def _number_in(text: str) -> Any:
+    """The finite number `text` spells (1e-3, 4, -0.5), else `text` itself."""
+    if not _NUMBER_TEXT.match(text):
+        return text
+    number = float(text.replace("_", ""))
+    return number if math.isfinite(number) else text
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -65,8 +65,12 @@ def parse_only(items: list[str]) -> dict[str, list[Any]]:
             raise SelectionError(f"--only {item!r}: expected SETTING=VALUE, e.g. --only arch=conv")
         if key.split(".")[0] not in SETTING_NAMES:
             raise SelectionError(f"--only {item!r}: unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
-        out.setdefault(key, []).append(yaml.safe_load(value))
+        # no run setting is a boolean: YAML 1.1's `off`, `on`, `yes`, `no` mean the words (compile=off)
+        out.setdefault(key, []).append(value if value.strip().lower() in YAML11_WORDS else yaml.safe_load(value))
     return out
+
+
+YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
 def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:

@@ -12,22 +12,26 @@ study through that storage.
 
 The modules, each importing only those above it:
 - `space`: the search space (one `Dimension` per key of `tune.space`);
-- `storage`: sampler and pruner registries, the Optuna storage;
+- `storage`: the sampler and pruner (from the registries in `vaebench.config`), the Optuna storage;
 - `plan`: one study as seen by every process (`Plan`, `open_study`, a trial's settings);
 - `trial`: one trial (`Objective`: one MLflow run, reports to the pruner);
 - `workers`: running trials here or in worker processes, failing orphaned trials;
 - `export`: the best trial as an experiments file;
 - `study`: `tune_experiment`, the study's parent run, recording and summary.
 
+The `tune:` section itself is validated by `vaebench.config.load_experiment` (with the helpers
+`tune_fixed_cell`, `tune_base_settings` and `param_kind` that the tuner shares): the config layer
+never imports this package.
+
 Nothing heavy at import time: optuna, torch and mlflow are imported inside the functions.
 """
 
+from vaebench.config import PRUNERS, RESERVED_OPTIONS, SAMPLERS
 from vaebench.tune.export import export_best, file_tracking_uri
 from vaebench.tune.plan import DEFAULT_TRIALS, Plan, decoded_params, make_plan, open_study, trial_settings
 from vaebench.tune.space import Dimension, dimensions
-from vaebench.tune.storage import (HEARTBEAT_SECONDS, PRUNERS, RESERVED_OPTIONS, SAMPLERS, check_options,
-                                   make_pruner, make_sampler, open_storage, resolved_storage, sampler_seed,
-                                   storage_display)
+from vaebench.tune.storage import (HEARTBEAT_SECONDS, make_pruner, make_sampler, open_storage, resolved_storage,
+                                   sampler_seed, storage_display)
 from vaebench.tune.study import TAG_BEST, best_trials, summary_lines, tune_experiment
 from vaebench.tune.trial import (ATTR_ERROR, ATTR_PRUNED_AT, ATTR_RUN_ID, ATTR_RUN_KEY, ATTR_WORKER, TAG_STUDY,
                                  TAG_TRIAL_STATE, MetricUnavailable, Objective)
@@ -37,7 +41,7 @@ __all__ = [
     "ATTR_ERROR", "ATTR_PRUNED_AT", "ATTR_RUN_ID", "ATTR_RUN_KEY", "ATTR_WORKER", "DEFAULT_TRIALS",
     "HEARTBEAT_SECONDS", "PRUNERS", "RESERVED_OPTIONS", "SAMPLERS", "TAG_BEST", "TAG_STUDY", "TAG_TRIAL_STATE",
     "Dimension", "MetricUnavailable", "Objective", "Plan", "Printer", "StaleRunCloser", "best_trials",
-    "check_options", "decoded_params", "dimensions", "export_best", "fail_orphans", "file_tracking_uri",
+    "decoded_params", "dimensions", "export_best", "fail_orphans", "file_tracking_uri",
     "make_plan", "make_pruner", "make_sampler", "open_storage", "open_study", "optimize", "resolved_storage",
     "sampler_seed", "storage_display", "summary_lines", "trial_settings", "tune_experiment",
 ]

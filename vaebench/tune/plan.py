@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from vaebench.config import ConfigError, Experiment, RunSettings, TuneSettings
-from vaebench.tune.checks import tune_base_settings, tune_fixed_cell
+from vaebench.config import ConfigError, Experiment, RunSettings, TuneSettings, tune_base_settings, tune_fixed_cell
 from vaebench.tune.space import dimensions, grid_size
 from vaebench.tune.storage import make_pruner, make_sampler, open_storage, resolved_storage, sampler_seed, \
     storage_display

@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vaebench.config import Experiment, SearchParam
-from vaebench.tune.checks import param_kind, tune_base_settings
+from vaebench.config import Experiment, SearchParam, param_kind, tune_base_settings
 
 
 @dataclass(frozen=True)

@@ -1,55 +1,19 @@
-"""Where a study lives and how it searches: the sampler and pruner registries (names in the YAML
--> Optuna classes), building them from `tune:`, and the Optuna storage (its URL, resolved next to
-the MLflow store by default, and opening it with heartbeats so dead trials get failed)."""
+"""Where a study lives and how it searches: the sampler and pruner built from `tune:` (through the
+registries of YAML names -> Optuna classes that the config schema owns), and the Optuna storage (its
+URL, resolved next to the MLflow store by default, and opening it with heartbeats so dead trials get
+failed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vaebench.config import Experiment, TuneSettings
+from vaebench.config import PRUNERS, SAMPLERS, Experiment, TuneSettings
 
 if TYPE_CHECKING:
     from vaebench.tune.space import Dimension
 
-# Registries: name in the YAML -> class in optuna.samplers / optuna.pruners. CmaEsSampler is left
-# out on purpose: it needs the separate `cmaes` package, which vaebench does not install.
-SAMPLERS: dict[str, str] = {
-    "tpe": "TPESampler",        # default; handles single and multi-objective studies
-    "random": "RandomSampler",
-    "grid": "GridSampler",      # every combination of a categorical-only space
-    "gp": "GPSampler",          # Gaussian-process Bayesian optimisation (good for few trials)
-    "qmc": "QMCSampler",        # quasi-Monte Carlo (Sobol) space filling
-    "nsgaii": "NSGAIISampler",  # genetic, for multi-objective studies
-}
-PRUNERS: dict[str, str] = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
-RESERVED_OPTIONS = {"seed": "set it with tune.seed", "search_space": "the grid is tune.space"}
-
 HEARTBEAT_SECONDS = 30  # RDB storages: a trial whose process stopped beating for 2x this is failed
-
-
-def check_options(what: str, name: str, options: dict[str, Any]) -> list[tuple[str | None, str]]:
-    """Problems with `tune.sampler_options` / `tune.pruner_options` (for the config loader):
-    unknown or reserved keys, and values the Optuna class rejects."""
-    import inspect
-
-    import optuna
-
-    cls = getattr(optuna.samplers if what == "sampler" else optuna.pruners,
-                  (SAMPLERS if what == "sampler" else PRUNERS)[name])
-    allowed = [p for p in inspect.signature(cls).parameters if p not in RESERVED_OPTIONS]
-    out: list[tuple[str | None, str]] = []
-    for key in options:
-        if key in RESERVED_OPTIONS:
-            out.append((key, f"set by vaebench ({RESERVED_OPTIONS[key]})"))
-        elif key not in allowed:
-            out.append((key, f"unknown {name} option; allowed: {', '.join(allowed) or 'none'}"))
-    if not out and name != "grid":
-        try:
-            quiet(lambda: cls(**options))
-        except (TypeError, ValueError) as e:
-            out.append((None, f"{cls.__name__} rejects {options}: {e}"))
-    return out
 
 
 def quiet(fn: Callable[[], Any]) -> Any:
