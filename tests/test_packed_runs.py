@@ -76,12 +76,19 @@ def test_a_packed_sweep_logs_every_member_as_its_own_run_with_unchanged_results(
         assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1, 2]
         assert {a.path for a in client.list_artifacts(run_id)} >= {"checkpoints", "model", "config"}
 
+    # the report's header says how the runs were trained
+    from vaebench.report import build_report
+
+    html = build_report(load_experiment(packed_file)).read_text()
+    assert "8 runs packed, eager (in 1 pack)" in html
+
     # the same study one cell at a time, in another store: the same numbers
     alone_file = study(write_yaml, clustering=True, name="alone.yaml",
                        extra=f"tracking_uri: sqlite:///{tmp_path}/alone.db\n")
     assert run_experiment(load_experiment(alone_file), pack="off", progress=False, echo=quiet).exit_code == 0
     alone = cells_of(alone_file)
     assert set(alone["tags.vaebench.engine"]) == {"plain"}
+    assert "8 runs alone, eager" in build_report(load_experiment(alone_file)).read_text()
     for metric in ("metrics.test/elbo", "metrics.test/nll_iw", "metrics.test/recon_mse", "metrics.train/loss",
                    "metrics.test/knn_acc", "metrics.baseline/knn_acc", "metrics.effective_beta"):
         pd.testing.assert_series_equal(packed[metric], alone[metric], rtol=1e-4, check_names=False)

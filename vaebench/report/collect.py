@@ -363,7 +363,36 @@ def _machine(parents: list[Any], cells: list[Any]) -> dict[str, list[str]]:
             devices[device] = devices.get(device, 0) + 1
     if devices:
         out["device"] = [f"{d} ({n} runs)" for d, n in sorted(devices.items(), key=lambda x: -x[1])]
+    training = _training(cells)
+    if training:
+        out["training"] = training
     return out
+
+
+STEP_NAMES = {"cuda-graph": "captured in a CUDA graph", "eager": "eager"}
+
+
+def _training(cells: list[Any]) -> list[str]:
+    """How the runs were trained, from the tags the trainers write (vaebench.units): packed with
+    others or alone, the step captured or eager, and why a capture fell back."""
+    ways: dict[str, int] = {}
+    packs: dict[str, set[str]] = {}
+    fallbacks: dict[str, int] = {}
+    for run in cells:
+        tags = run.data.tags
+        if "vaebench.engine" not in tags:  # runs of an older vaebench
+            continue
+        step = STEP_NAMES.get(tags.get("vaebench.step", ""), tags.get("vaebench.step", "?"))
+        packed = tags.get("vaebench.pack.id") and (_int(tags.get("vaebench.pack.size")) or 1) > 1
+        way = f"packed, {step}" if packed else f"alone, {step}"
+        ways[way] = ways.get(way, 0) + 1
+        if packed:
+            packs.setdefault(way, set()).add(tags["vaebench.pack.id"])
+        if tags.get("vaebench.step.fallback"):
+            fallbacks[tags["vaebench.step.fallback"]] = fallbacks.get(tags["vaebench.step.fallback"], 0) + 1
+    out = [f"{n} runs {way}" + (f" (in {len(packs[way])} pack{'s' * (len(packs[way]) > 1)})" if way in packs else "")
+           for way, n in sorted(ways.items(), key=lambda x: -x[1])]
+    return out + [f"{n} runs: {why}" for why, n in fallbacks.items()]
 
 
 # --- Optuna studies ----------------------------------------------------------------------------
