@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup chromium demo test test-fast ls ui report clean
+.PHONY: setup chromium postgres demo test test-fast ls ui report clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: setup chromium              ## the whole suite, slow and browser tests included (what CI runs)
+# The cluster tests start a PostgreSQL server of their own (the MLflow and Optuna databases of a
+# cluster): Debian's postgresql, installed with apt when missing (as root; otherwise it says what to run).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "postgresql is missing: sudo apt-get install -y postgresql" >&2; exit 1; fi; \
+	  echo "installing postgresql (apt)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: setup chromium postgres     ## the whole suite, slow, browser and cluster tests included (what CI runs)
 	$(BIN)/python -m pytest
 
 test-fast: setup                  ## everything but the `slow` tests

@@ -87,12 +87,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         # tqdm.write keeps the per-cell lines above the progress bars instead of through them
         summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs, pack=args.pack,
                                  eval_workers=args.eval_workers, progress=not args.no_progress,
-                                 echo=tqdm.write, should_stop=should_stop)
+                                 echo=tqdm.write, should_stop=should_stop, ray=_ray(args))
     for line in summary.lines():
         print(line)
     if not args.no_report:
         _write_report(exp, args.file)
     return summary.exit_code
+
+
+def _ray(args: argparse.Namespace) -> Any:
+    """RayOptions for `--executor ray`, None for the local executors."""
+    if args.executor != "ray":
+        for flag in ("ray_address", "ray_gpus"):
+            if getattr(args, flag, None) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} needs --executor ray")
+        return None
+    from vaebench.runner import RayOptions
+
+    return RayOptions(address=args.ray_address, gpus=getattr(args, "ray_gpus", None),
+                      cpus=getattr(args, "ray_cpus", 1.0))
+
+
+class UsageError(ValueError):
+    """Flags that do not fit together."""
 
 
 def _write_report(exp: Any, file: str) -> None:
@@ -121,8 +138,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from vaebench.tune import tune_experiment
 
     exp = _load(args)
+    if args.storage and exp.tune is not None:
+        exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"storage": args.storage})})
+    if args.executor != "ray" and args.ray_address is not None:
+        raise UsageError("--ray-address needs --executor ray")
     code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
-                           export=args.export, echo=print)
+                           export=args.export, echo=print, on_ray=args.executor == "ray",
+                           ray_address=args.ray_address)
     _write_report(exp, args.file)
     return code
 
@@ -214,6 +236,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ui": cmd_ui}
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _cluster_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: this machine (default); ray: tasks on a Ray cluster (see README, Running on a cluster)")
+    sp.add_argument("--ray-address", metavar="ADDR",
+                    help="the Ray cluster: auto (started with `ray start` here), HOST:PORT or ray://...; default "
+                         "RAY_ADDRESS, else a new local cluster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vaebench import __version__
 
@@ -241,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "training goes on; auto: up to 8 on CUDA, 0 (in place) on the CPU")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report afterwards")
+    _cluster_flags(run)
+    run.add_argument("--ray-gpus", type=_fraction, metavar="F",
+                     help="GPUs per unit on the Ray cluster (a fraction shares a GPU; default 1 when it has GPUs)")
+    run.add_argument("--ray-cpus", type=_fraction, default=1.0, metavar="N", help="CPUs per unit (default 1)")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
@@ -250,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--jobs", type=_positive_int, default=1, help="worker processes sharing the study")
     tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     tune.add_argument("--export", metavar="PATH", help="write the best settings as an experiments file")
+    tune.add_argument("--storage", metavar="URL",
+                      help="the Optuna storage (overrides tune.storage), e.g. postgresql://user@host/optuna")
+    _cluster_flags(tune)
     report = sub.add_parser("report", help="(re)build the HTML report from what is in MLflow")
     report.add_argument("file", help="the experiments file")
     report.add_argument("--out", metavar="PATH", help="output file (default reports/<name>.html next to the file)")
@@ -264,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from vaebench.config import ConfigError
+    from vaebench.cluster import ClusterError
     from vaebench.runner import SelectionError
 
     parser = build_parser()
@@ -276,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _err(f"error: invalid experiments file\n{e}")
         return EXIT_USAGE
-    except SelectionError as e:
+    except (SelectionError, UsageError) as e:
         _err(f"error: {e}")
         return EXIT_USAGE
+    except ClusterError as e:
+        _err(f"error: {e}")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         _err("interrupted: finished cells are kept; run the same command again to resume")
         return EXIT_INTERRUPTED
@@ -290,4 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
+    # the application, not the library, quiets MLflow's per-download progress bars (the report
+    # reads every run's figures through them)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     sys.exit(main())

@@ -173,7 +173,9 @@ def read_torchvision(cls: type, data_dir: str | os.PathLike, *, download: bool) 
         if not download:
             raise _unavailable(cls, folder, names, missing, "download=False") from None
         try:
-            with _default_socket_timeout(DOWNLOAD_TIMEOUT_S):
+            # one download per data_dir at a time: the processes of a sweep (or the workers of a
+            # cluster sharing data_dir) that come second find the files there and just read them
+            with _download_lock(root), _default_socket_timeout(DOWNLOAD_TIMEOUT_S):
                 sets = [cls(str(root), train=t, download=True) for t in (True, False)]
         except Exception as err2:  # URLError/OSError offline, RuntimeError after all mirrors, bad md5, ...
             reason = str(err2).strip().splitlines()[-1] if str(err2).strip() else type(err2).__name__
@@ -205,6 +207,26 @@ def _gunzip_if_only_gz(folder: Path, names: list[str]) -> None:
             tmp.unlink(missing_ok=True)
             raise DatasetUnavailable(f"could not extract {src} to {dst} ({err}); extract it yourself "
                                      f"or replace the file") from None
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on root/.vaebench-download.lock (POSIX record locks also hold across the
+    machines of an NFS mount); none where root cannot be written, as nothing can be downloaded there."""
+    import fcntl
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".vaebench-download.lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -6,9 +6,11 @@ units go in, results stream back as cells finish, whatever runs them.
 - `PoolExecutor`: `jobs` worker processes, spawned once and reused for every unit: on a CPU
   machine each gets its share of the threads; with several GPUs each gets its own
   (CUDA_VISIBLE_DEVICES). A worker trains and evaluates its units in place.
+- `RayExecutor`: every unit a Ray task on a cluster (vaebench.cluster), with declared resources;
+  the task trains and evaluates its unit in place on whichever node Ray picks.
 
-Both record every run in the tracking store the same way (vaebench.units); a third executor (a
-cluster scheduler) only has to run `run_unit` somewhere and send back its results.
+All record every run in the tracking store the same way (vaebench.units: `run_unit` wherever it
+runs, then the unit's results sent back).
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ class PoolExecutor:
                 raise
 
 
+class RayExecutor:
+    """Units as Ray tasks: `gpus` (fractional: small units share a GPU; default one per unit when
+    the cluster has GPUs, else none) and `cpus` each. A task whose worker died is retried on
+    another node (cluster.TASK_RETRIES) and continues its cells from their checkpoints."""
+
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, *, address: str | None = None,
+                 gpus: float | None = None, cpus: float = 1.0):
+        self.exp, self.tracker, self.parent_id = exp, tracker, parent_id
+        self.address, self.gpus, self.cpus = address, gpus, cpus
+
+    def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
+        from vaebench import cluster
+
+        ray = cluster.connect(self.address)
+        gpus = self.gpus if self.gpus is not None else (1.0 if cluster.gpus(ray) else 0.0)
+        task = ray.remote(_unit_in_ray).options(num_cpus=self.cpus, num_gpus=gpus, max_retries=cluster.TASK_RETRIES)
+        threads = max(1, int(self.cpus))
+        refs = [task.remote(self.exp, unit, self.tracker.uri, self.parent_id, threads) for unit in units]
+        try:
+            for results in cluster.results(ray, refs):
+                yield from results
+        except BaseException:
+            cluster.cancel(ray, refs)
+            raise
+
+
 _WORKER: dict[str, Any] = {}  # per worker process: its stop flag and tracker, reused across units
 
 
@@ -87,16 +115,31 @@ def _init_worker(threads: int, gpu_ids: Any) -> None:
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:
-    if "tracker" not in _WORKER:
-        _WORKER["tracker"] = tracking.connect(uri, exp.name)
-    tracker, stop = _WORKER["tracker"], _WORKER["stop"]
+    stop = _WORKER["stop"]
     if stop.is_set():
         raise KeyboardInterrupt("stop requested")
+    return _run_here(exp, unit, uri, parent_id, stop.is_set)
+
+
+def _unit_in_ray(exp: Experiment, unit: Unit, uri: str, parent_id: str, threads: int) -> list[CellResult]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return _run_here(exp, unit, uri, parent_id, None)
+
+
+def _run_here(exp: Experiment, unit: Unit, uri: str, parent_id: str,
+              should_stop: Callable[[], bool] | None) -> list[CellResult]:
+    """A unit trained and evaluated in this (worker) process; its tracker is kept for the next."""
+    key = f"tracker|{uri}|{exp.name}"
+    if key not in _WORKER:
+        _WORKER[key] = tracking.connect(uri, exp.name)
+    tracker = _WORKER[key]
     background = tracking.Background()
     evaluator = Evaluator(exp, tracker, background)
     try:
         results = run_unit(exp, unit, tracker, parent_id, evaluator, background, progress=False,
-                           should_stop=stop.is_set)
+                           should_stop=should_stop)
         return results + evaluator.drain()
     finally:
         background.close()

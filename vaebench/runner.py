@@ -90,19 +90,30 @@ def _selects(have: Any, want: Any) -> bool:
 # --- running -----------------------------------------------------------------------------------
 
 
+@dataclass
+class RayOptions:
+    """`--executor ray`: where the cluster is, and what each unit asks of it (vaebench.cluster)."""
+
+    address: str | None = None  # auto | HOST:PORT | ray://... ; None: RAY_ADDRESS or a new local cluster
+    gpus: float | None = None  # per unit; None: 1 when the cluster has GPUs, else 0
+    cpus: float = 1.0  # per unit
+
+
 def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None, force: bool = False,
                    jobs: int = 1, pack: str | int = "auto", eval_workers: str | int = "auto", progress: bool = True,
-                   echo: Printer = print, should_stop: Callable[[], bool] | None = None) -> Summary:
+                   echo: Printer = print, should_stop: Callable[[], bool] | None = None,
+                   ray: RayOptions | None = None) -> Summary:
     """Train and evaluate every selected cell that has no finished run (all with `force`); returns
     the summary. The cells go in units (vaebench.plan: packs of cells that share a step, on CUDA
-    by default; `pack` = auto | off | N) through an executor (this process, or `jobs` worker
-    processes); with `eval_workers` the CPU part of the evaluation runs in that many processes (auto:
-    on CUDA, where the device would otherwise wait for it). A KeyboardInterrupt (or `should_stop()`
+    by default; `pack` = auto | off | N) through an executor (this process, `jobs` worker
+    processes, or with `ray` tasks on a Ray cluster); with `eval_workers` the CPU part of the
+    evaluation runs in that many processes (auto: on CUDA, where the device would otherwise wait
+    for it). A KeyboardInterrupt (or `should_stop()`
     turning true, polled between steps and units) marks the running cells and the parent run KILLED
     (resumable) and propagates as KeyboardInterrupt."""
     from tqdm.auto import tqdm
 
-    from vaebench.executors import LocalExecutor, PoolExecutor
+    from vaebench.executors import LocalExecutor, PoolExecutor, RayExecutor
     from vaebench.plan import make_units, pack_limit
     from vaebench.results import Evaluator, PoolEvaluator
     from vaebench.train import resolve_device
@@ -122,18 +133,27 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
             continue
         unfinished = None if force else next((r for r in previous if r.info.status != "FINISHED"), None)
         todo.append(Cell(spec, unfinished.info.run_id if unfinished else None))
-    device = resolve_device(todo[0].spec.settings.device) if todo else None
-    device_type = device.type if device else "cpu"
-    gpus = _gpu_count() if device_type == "cuda" else 0
-    workers = _eval_workers(eval_workers, device_type, jobs)
+    if ray is not None:  # the cluster's devices decide, not this machine's
+        from vaebench import cluster
+
+        device_type = "cuda" if todo and cluster.gpus(cluster.connect(ray.address)) else "cpu"
+        gpus, workers = 0, 0  # each task evaluates its own cells
+    else:
+        device = resolve_device(todo[0].spec.settings.device) if todo else None
+        device_type = device.type if device else "cpu"
+        gpus = _gpu_count() if device_type == "cuda" else 0
+        workers = _eval_workers(eval_workers, device_type, jobs)
     units = make_units(todo, lambda c: c.spec.settings, pack_limit(pack, device_type))
     packed = sum(len(u) for u in units if len(u) > 1)
     parent_id = tracking.start_run(tracker, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_KIND: "parent", "vaebench.file": str(exp.path), "vaebench.cells": len(specs),
         "vaebench.axes": ",".join(exp.matrix), "vaebench.jobs": jobs, "vaebench.pack": pack,
+        "vaebench.executor": "ray" if ray else ("pool" if jobs > 1 else "local"),
         "vaebench.units": len(units), "vaebench.eval_workers": workers, **tracking.machine_tags()})
     how = []
-    if jobs > 1 and len(units) > 1:
+    if ray is not None:
+        how.append("as Ray tasks")
+    elif jobs > 1 and len(units) > 1:
         how.append(f"{jobs} processes")
     if packed:
         how.append(f"{packed} of them packed into {sum(len(u) > 1 for u in units)} groups")
@@ -146,8 +166,10 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     status = "FINISHED"
     try:
         evaluator.baselines([c.spec.settings for c in todo])  # before any cell is trained
-        if jobs > 1 and len(units) > 1:
-            executor: Any = PoolExecutor(exp, tracker, parent_id, jobs, gpus=gpus if gpus > 1 else 0)
+        if ray is not None:
+            executor: Any = RayExecutor(exp, tracker, parent_id, address=ray.address, gpus=ray.gpus, cpus=ray.cpus)
+        elif jobs > 1 and len(units) > 1:
+            executor = PoolExecutor(exp, tracker, parent_id, jobs, gpus=gpus if gpus > 1 else 0)
         else:
             executor = LocalExecutor(exp, tracker, parent_id, evaluator, background, progress=progress,
                                      should_stop=should_stop)

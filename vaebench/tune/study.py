@@ -14,16 +14,17 @@ from vaebench.tune.plan import Plan, decoded_params, make_plan, open_study
 from vaebench.tune.space import dimensions, fmt
 from vaebench.tune.storage import storage_display
 from vaebench.tune.trial import ATTR_RUN_ID, TAG_STUDY
-from vaebench.tune.workers import Printer, fail_orphans, optimize, run_workers
+from vaebench.tune.workers import Printer, fail_orphans, optimize, run_ray_workers, run_workers
 
 TAG_BEST = "vaebench.best"
 
 
 def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int = 1,
                     timeout: float | None = None, export: str | os.PathLike | None = None,
-                    echo: Printer = print) -> int:
+                    echo: Printer = print, ray_address: str | None = None, on_ray: bool = False) -> int:
     """Run (or resume) the study of `exp.tune`; return the exit code (0 ok; 1 no trial of this
-    invocation finished, a worker crashed, or nothing to export)."""
+    invocation finished, a worker crashed, or nothing to export). `n_jobs` workers share the
+    study: local processes, or with `on_ray` tasks on the Ray cluster at `ray_address`."""
     import optuna
     from optuna.trial import TrialState
 
@@ -37,9 +38,10 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from us
     try:
         plan = make_plan(exp, n_trials, timeout)
-        if n_jobs > 1 and ":memory:" in plan.storage:
-            raise ConfigError(exp.path or "", [f" tune.storage: {plan.storage} cannot be shared by --jobs {n_jobs} "
-                                               "worker processes; use a file or a database"])
+        if (n_jobs > 1 or on_ray) and ":memory:" in plan.storage:
+            raise ConfigError(exp.path or "", [f" tune.storage: {plan.storage} cannot be shared by "
+                                               f"{'Ray tasks' if on_ray else f'--jobs {n_jobs} worker processes'}; "
+                                               "use a file or a database"])
         study = open_study(plan, create=True)
         for point in exp.tune.enqueue:
             dims = {d.key: d for d in dimensions(exp)}
@@ -56,7 +58,9 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
         status, codes = "FINISHED", []
         try:
             if remaining != 0:
-                if n_jobs > 1:
+                if on_ray:
+                    codes = run_ray_workers(plan, remaining, plan.timeout, n_jobs, echo, ray_address)
+                elif n_jobs > 1:
                     codes = run_workers(plan, remaining, plan.timeout, n_jobs, echo)
                 else:
                     optimize(plan, remaining, plan.timeout, echo=echo)

@@ -144,3 +144,60 @@ def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs
             p.join()
         drain(block=False)
     return [p.exitcode for p in procs]
+
+
+def _ray_worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int, threads: int,
+                lines: Any) -> int:
+    """An Optuna worker as a Ray task: the same loop as a local worker process; its lines go
+    to the driver through a Ray queue. Returns its exit code."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: lines.put(f"[worker {worker}] {line}"))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def run_ray_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs: int, echo: Printer,
+                    address: str | None) -> list[int]:
+    """`n_jobs` Optuna workers as tasks on a Ray cluster (vaebench.cluster), sharing the study
+    through its RDB storage exactly as local worker processes do: Optuna's samplers, pruners,
+    multi-objective studies and resume work unchanged. Returns the workers' exit codes."""
+    import queue as queue_mod
+
+    from ray.util.queue import Queue
+
+    from vaebench import cluster
+
+    ray = cluster.connect(address)
+    lines = Queue()
+    gpus = 1.0 if cluster.gpus(ray) else 0.0
+    task = ray.remote(_ray_worker).options(num_cpus=1, num_gpus=gpus, max_retries=0)
+    shares = [None] * n_jobs if remaining is None else \
+        [remaining // n_jobs + (1 if i < remaining % n_jobs else 0) for i in range(n_jobs)]
+    refs = [task.remote(plan, share, timeout, i, 1, lines) for i, share in enumerate(shares) if share != 0]
+    echo(f"{len(refs)} workers as Ray tasks")
+
+    def drain() -> None:
+        while True:
+            try:
+                echo(lines.get_nowait())
+            except (queue_mod.Empty, Exception):  # noqa: BLE001 - ray.util.queue.Empty
+                return
+
+    pending, codes = list(refs), []
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+            drain()
+            codes += [ray.get(ref) for ref in done]
+    except KeyboardInterrupt:
+        cluster.cancel(ray, pending)
+        raise
+    finally:
+        drain()
+    return codes
