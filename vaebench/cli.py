@@ -209,26 +209,23 @@ def _pack(text: str) -> str | int:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--pack {text!r}: ")) from None
 
 
-def _workers(text: str) -> str | int:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of processes >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of processes >= 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
+def _whole(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _workers(text: str) -> str | int:
+    """auto, or a number of processes >= 0 (0: in place)."""
+    return text if text == "auto" else _whole(text, 0)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
