@@ -1,0 +1,134 @@
+"""Security, end to end on real stores (issue 10):
+
+- the experiments file goes through a safe YAML loader: a Python tag is refused with a clear error
+  (exit code 2) and nothing it names runs;
+- torch artifacts load with weights_only=True: a pickle with a code payload placed as a run's
+  checkpoint or model is refused in one line that names it, without running the payload and
+  without advice to load it unrestricted (`tracking.load_torch`, read in place or downloaded from
+  a tracking server, `vaebench evaluate`, and a resumed `vaebench run`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from support import mlflow_server
+
+from vaebench import tracking
+from vaebench.cli import main
+from vaebench.config import ConfigError, load_experiment
+from vaebench.runner import evaluate_experiment, run_experiment
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): when the marker exists, a load ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (self.marker,)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def assert_refused(message: str, run_id: str, artifact: str) -> None:
+    assert "\n" not in message, message
+    assert f"{artifact} of run {run_id} was refused" in message, message
+    assert "mkdir" in message, message  # says what it found
+    assert "weights_only" not in message and "trusted source" not in message, message
+
+
+# --- YAML ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.mkdir [{marker}]", "!!python/object/new:os.mkdir [{marker}]",
+                                 "!!python/object:vaebench.config.Experiment {{name: x}}", "!!python/name:os.mkdir"])
+@pytest.mark.parametrize("where, line", [("name: {value}\nseeds: [0]", 1),
+                                         ("name: x\nmatrix:\n  model:\n    - vae\n    - {value}", 5)])
+def test_python_tags_in_the_experiments_file_are_refused(write_yaml, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         tag: str, where: str, line: int) -> None:
+    marker = tmp_path / "yaml-ran"
+    path = write_yaml(where.format(value=tag.format(marker=f"'{marker}'")) + "\n")
+    expected = f"{path}:{line}: invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/"
+    with pytest.raises(ConfigError) as refused:
+        load_experiment(path)
+    assert str(refused.value).startswith(expected), str(refused.value)
+    for command in ("ls", "run"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not (tmp_path / "mlruns.db").exists()  # nothing was logged
+
+
+# --- torch artifacts ----------------------------------------------------------------------------
+
+
+def test_a_code_payload_in_a_torch_artifact_is_refused(tmp_path: Path) -> None:
+    tracker = tracking.connect("sqlite:///" + str(tmp_path / "mlruns.db"), "payloads")
+    run = tracking.start_run(tracker, "cell", {tracking.TAG_KIND: "cell"})
+    tracking.log_torch(tracker, run, "checkpoints/plain.pt", {"epoch": 3, "weight": torch.ones(2)})
+    assert tracking.load_torch(tracker, run, "checkpoints/plain.pt")["epoch"] == 3  # what vaebench writes loads
+    marker = tmp_path / "payload-ran"
+    for artifact in (tracking.CHECKPOINT_PATH, tracking.MODEL_PATH):
+        tracking.log_torch(tracker, run, artifact, {"epoch": 3, "state_dict": {"w": torch.ones(2)},
+                                                    "history": [Payload(marker)]})
+        with pytest.raises(tracking.UnsafeArtifact) as refused:
+            tracking.load_torch(tracker, run, artifact)
+        assert_refused(str(refused.value), run, artifact)
+    assert not marker.exists()
+    # the payload is live: an unrestricted load of the same file runs it
+    stored = Path(tracker.client.get_run(run).info.artifact_uri.removeprefix("file://")) / tracking.MODEL_PATH
+    torch.load(stored, weights_only=False)
+    assert marker.is_dir()
+
+
+@pytest.mark.slow
+def test_a_code_payload_downloaded_from_a_tracking_server_is_refused(tmp_path: Path) -> None:
+    with mlflow_server(tmp_path, "sqlite:///" + str(tmp_path / "server.db")) as url:
+        tracker = tracking.connect(url, "payloads")
+        run = tracking.start_run(tracker, "cell", {tracking.TAG_KIND: "cell"})
+        assert tracker.client.get_run(run).info.artifact_uri.startswith("mlflow-artifacts:")  # downloaded
+        marker = tmp_path / "payload-ran"
+        tracking.log_torch(tracker, run, tracking.CHECKPOINT_PATH, {"epoch": 1, "history": Payload(marker)})
+        with pytest.raises(tracking.UnsafeArtifact) as refused:
+            tracking.load_torch(tracker, run, tracking.CHECKPOINT_PATH)
+    assert_refused(str(refused.value), run, tracking.CHECKPOINT_PATH)
+    assert not marker.exists()
+
+
+def test_reevaluation_and_resume_refuse_a_code_payload(tiny_file: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    exp = load_experiment(tiny_file)
+    first = run_experiment(exp, progress=False, echo=quiet)
+    assert len(first.of("trained")) == 2
+    runs = {r.spec.settings.model: r.run_id for r in first.results}
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    marker = tmp_path / "payload-ran"
+    tracking.log_torch(tracker, runs["vae"], tracking.MODEL_PATH, {"state_dict": Payload(marker),
+                                                                   "in_shape": [1, 8, 8]})
+    tracking.log_torch(tracker, runs["ae"], tracking.CHECKPOINT_PATH, {"epoch": 1, "history": [Payload(marker)]})
+
+    # `vaebench evaluate`: both cells fail with the refusal, in one line each
+    summary = evaluate_experiment(exp, echo=quiet)
+    assert [r.status for r in summary.results] == ["failed", "failed"]
+    errors = {r.spec.settings.model: r.error for r in summary.results}
+    assert_refused(errors["vae"], runs["vae"], tracking.MODEL_PATH)
+    assert_refused(errors["ae"], runs["ae"], tracking.CHECKPOINT_PATH)
+    assert main(["evaluate", str(tiny_file)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("was refused, not loaded") == 4  # the per-cell lines and the summary
+    assert "weights_only" not in out
+
+    # `vaebench run` on a cell whose unfinished run's checkpoint is the payload: never run
+    tracking.finish(tracker, runs["ae"], "FAILED")
+    main(["run", str(tiny_file), "--no-progress", "--no-report"])
+    captured = capsys.readouterr()
+    assert "weights_only" not in captured.out + captured.err
+    assert not marker.exists()
