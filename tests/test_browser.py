@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
-from support import mlflow_server
+from support import Listener, log_runs_with_urls, mlflow_server
 
 from vaebench.config import load_experiment
 from vaebench.report import build_report
@@ -144,6 +144,19 @@ def test_report_opens_in_chromium_without_errors(browser: Browser, study: dict[s
     assert page.locator(".card").count() == 8 and page.locator(".gallery-row").count() == 4
     assert page.locator(".gallery-row h4").first.text_content().endswith("by seed")
     assert tab.errors == []
+
+
+def test_a_report_of_runs_full_of_urls_requests_nothing(browser: Browser, tmp_path: Path) -> None:
+    with Listener() as listener:
+        exp = log_runs_with_urls(tmp_path, listener.url)  # names, params, tags, errors: URLs and markup
+        report = build_report(exp)
+        tab = open_tab(browser, report.as_uri())
+        tab.page.mouse.wheel(0, 100_000)  # lazy content, if any, gets its chance
+        tab.page.wait_for_timeout(500)
+    assert listener.connections == []
+    assert tab.requests == [report.as_uri()] and tab.errors == []
+    assert listener.url in tab.page.inner_text("#failed-table")  # shown, as text
+    assert tab.page.locator("#failed-table img, #failed-table link, #failed-table div").count() == 0
 
 
 # --- the MLflow UI ------------------------------------------------------------------------------

@@ -5,21 +5,30 @@
 - torch artifacts load with weights_only=True: a pickle with a code payload placed as a run's
   checkpoint or model is refused in one line that names it, without running the payload and
   without advice to load it unrestricted (`tracking.load_torch`, read in place or downloaded from
-  a tracking server, `vaebench evaluate`, and a resumed `vaebench run`).
+  a tracking server, `vaebench evaluate`, and a resumed `vaebench run`);
+- a report built from runs whose names, params and tags hold URLs connects to nothing and links
+  nothing but MLflow's own pages, and opens no Optuna storage a run names.
+
+Elsewhere: `vaebench ui` binds to loopback only (test_cli.py), and the same URL-laden report opened
+in a real browser makes no request (test_browser.py).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
-from support import mlflow_server
+from support import Listener, log_runs_with_urls, mlflow_server
 
 from vaebench import tracking
 from vaebench.cli import main
 from vaebench.config import ConfigError, load_experiment
+from vaebench.report import build_report
+from vaebench.report.collect import collect
 from vaebench.runner import evaluate_experiment, run_experiment
 
 
@@ -132,3 +141,59 @@ def test_reevaluation_and_resume_refuse_a_code_payload(tiny_file: Path, tmp_path
     captured = capsys.readouterr()
     assert "weights_only" not in captured.out + captured.err
     assert not marker.exists()
+
+
+# --- nothing fetched from a URL found in a run --------------------------------------------------
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [(tag, k, v or "") for k, v in attrs if k in ("href", "src", "action", "srcset", "poster", "data")]
+
+
+def test_a_report_of_runs_full_of_urls_fetches_nothing(tmp_path: Path) -> None:
+    with Listener() as listener:
+        exp = log_runs_with_urls(tmp_path, listener.url)
+        report = build_report(exp)
+        csv = build_report(exp, fmt="csv")
+    assert listener.connections == []  # no HTTP request, no database connection
+
+    html = report.read_text(encoding="utf-8")
+    links = Links()
+    links.feed(html)
+    for tag, attribute, value in links.urls:
+        if attribute == "src":
+            assert tag == "img" and value.startswith("data:image/png;base64,"), value[:100]
+        else:
+            assert value.startswith(("data:text/csv", "#", "http://127.0.0.1:5000/#/experiments/")), value
+    # the URLs are there, as text: escaped markup, never an element
+    assert f"{listener.url}/run/" in html and f"&lt;img src=&#x27;{listener.url}/error.png&#x27;&gt;" in html
+    assert f"&lt;link rel=stylesheet href=&quot;{listener.url}/host.css&quot;&gt;" in html
+    assert "<link" not in html and "url(" not in html.replace(f"url({listener.url}/", "")
+    assert f"{listener.url}/run/" in csv.read_text(encoding="utf-8")
+
+    # the Optuna storages the study runs name are not opened: the trials come from MLflow
+    studies = {s.name: s for s in collect(exp, images=False).studies}
+    assert set(studies) == {"net", "elsewhere"}
+    for study in studies.values():
+        assert len(study.trials) == 2 and not study.importances  # the storage elsewhere holds 3 trials
+        assert any("the report opens no storage a run names" in n for n in study.notes), study.notes
+    assert "user:***@" in " ".join(studies["net"].notes) and "secret" not in html
+    assert not (tmp_path / "optuna.db").exists()  # nor created the file's own
+
+
+def test_the_files_own_optuna_storage_is_still_opened(tmp_path: Path) -> None:
+    with Listener() as listener:
+        exp = log_runs_with_urls(tmp_path, listener.url)
+    # the study that lives in the file's own storage (optuna.db next to the store): read in full
+    shutil.copy(tmp_path / "elsewhere" / "optuna.db", tmp_path / "optuna.db")
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    own = next(r for r in tracking.search(tracker, "tags.`optuna.study_name` = 'elsewhere'")
+               if r.data.tags.get(tracking.TAG_KIND) == "study")
+    tracking.set_tags(tracker, own.info.run_id, {"optuna.storage": "sqlite:///" + str(tmp_path / "optuna.db")})
+    study = next(s for s in collect(exp, images=False).studies if s.name == "elsewhere")
+    assert len(study.trials) == 3 and study.importances, study.notes
