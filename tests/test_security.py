@@ -6,6 +6,8 @@
   checkpoint or model is refused in one line that names it, without running the payload and
   without advice to load it unrestricted (`tracking.load_torch`, read in place or downloaded from
   a tracking server, `vaebench evaluate`, and a resumed `vaebench run`);
+- names from the experiments file or from MLflow (an experiment or run name with `../` and `/`)
+  never become paths outside the project's folders;
 - a report built from runs whose names, params and tags hold URLs connects to nothing and links
   nothing but MLflow's own pages, and opens no Optuna storage a run names.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from support import Listener, log_runs_with_urls, mlflow_server
 from vaebench import tracking
 from vaebench.cli import main
 from vaebench.config import ConfigError, load_experiment
-from vaebench.report import build_report
+from vaebench.report import build_report, default_output
 from vaebench.report.collect import collect
 from vaebench.runner import evaluate_experiment, run_experiment
 
@@ -141,6 +144,59 @@ def test_reevaluation_and_resume_refuse_a_code_payload(tiny_file: Path, tmp_path
     captured = capsys.readouterr()
     assert "weights_only" not in captured.out + captured.err
     assert not marker.exists()
+
+
+# --- names never become paths -------------------------------------------------------------------
+
+
+NAMES = """
+name: '../../escape/../{parent}/x<b>'
+seeds: [0]
+defaults:
+  dataset: digits
+  epochs: 1
+  batch_size: 64
+  max_train_samples: 128
+  arch_options:
+    mlp: {{hidden: [16]}}
+evaluate: {{iw_samples: 2, clustering: false}}
+matrix:
+  model: [vae]
+include:
+  - {{dataset: image_folder, dataset_options: {{image_folder: {{path: "../../../{parent}/nonexistent"}}}}}}
+"""
+
+
+def test_names_with_slashes_and_dots_never_become_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    project = tmp_path / "home" / "project"
+    project.mkdir(parents=True)
+    monkeypatch.chdir(project)
+    path = project / "experiments.yaml"
+    path.write_text(textwrap.dedent(NAMES.format(parent=tmp_path.name)).lstrip())
+    assert main(["run", str(path), "--no-progress"]) == 1  # the image_folder cell fails: no such folder
+    out = capsys.readouterr().out
+    assert "1 trained (0 resumed), 0 skipped (already finished), 1 failed" in out
+    assert main(["report", str(path), "--format", "csv"]) == 0
+    data = collect(load_experiment(path), images=False)
+    names = [*data.runs["run_name"], *data.failed["run_name"]]
+    assert any("../" in n for n in names) and data.name.startswith("../../")
+
+    # everything written is inside the project: the store, its artifacts, the reports
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.parts[:2] == ("home", "project") for p in written), written
+    top = {p.parts[2] for p in written}
+    assert top <= {"experiments.yaml", "mlruns.db", "mlartifacts", "reports", "data"}, top
+    safe = f"escape_.._{tmp_path.name}_x_b"
+    assert sorted(p.name for p in (project / "reports").iterdir()) == [f"{safe}.csv", f"{safe}.html"]
+    assert default_output(load_experiment(path)).parent == project / "reports"
+    # the artifacts of every run sit under its run id, whatever its name
+    artifacts = {p.relative_to(project / "mlartifacts").parts[0] for p in (project / "mlartifacts").rglob("*")
+                 if p.is_file()}
+    assert artifacts == {*data.runs["run_id"], *data.failed["run_id"]}
+    # the report's CSV download is offered under the same filename-safe name
+    html = (project / "reports" / default_output(load_experiment(path)).name).read_text(encoding="utf-8")
+    assert f'download="{default_output(load_experiment(path), "csv").name}"' in html
 
 
 # --- nothing fetched from a URL found in a run --------------------------------------------------
