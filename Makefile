@@ -16,8 +16,9 @@ setup: $(BIN)/.installed          ## install vaebench and its test extras into .
 demo: setup                       ## the main job: train, evaluate and log every cell of experiments.yaml
 	$(BIN)/vaebench run experiments.yaml
 
-# The browser tests open the report and the MLflow UI in Debian's headless chromium: installed
-# with apt when missing (as root; otherwise it says what to run).
+# The browser tests open the report and the MLflow UI in Debian's headless chromium, driven by
+# Playwright (a test extra; `playwright install` is never needed): chromium is installed with apt
+# when missing (as root; otherwise it says what to run).
 chromium:
 	@[ -x /usr/bin/chromium ] || { \
 	  if [ "$$(id -u)" -ne 0 ]; then echo "chromium is missing: sudo apt-get install -y chromium" >&2; exit 1; fi; \

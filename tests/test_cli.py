@@ -79,28 +79,69 @@ def test_console_script_smoke_run(tiny_file: Path) -> None:
     assert module.returncode == 0 and "2 cells" in module.stdout
 
 
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket that process `pid` or any of its descendants listens on
+    (Linux: the process tree's socket inodes looked up in /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    tree, grown = {pid}, True
+    while grown:
+        grown = False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                child, parent = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grown = True
+    inodes = set()
+    for p in tree:
+        for fd in Path(f"/proc/{p}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+            found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
 @pytest.mark.slow
-def test_ui_serves_the_project_store_on_loopback(tiny_file: Path) -> None:
+@pytest.mark.parametrize("flags, host", [([], "127.0.0.1"), (["--host", "127.0.0.2"], "127.0.0.2")],
+                         ids=["default", "asked"])
+def test_ui_serves_the_project_store_on_loopback(tiny_file: Path, flags: list[str], host: str) -> None:
     import socket
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "ui", str(tiny_file), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "ui", str(tiny_file), "--port", str(port), *flags],
                             cwd=tiny_file.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline, body = time.time() + 90, ""
         while time.time() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
                     body = r.read().decode()
                 break
             except OSError:
                 time.sleep(0.5)
         assert body.strip() == "OK", f"MLflow UI did not come up: {proc.poll()}"
         assert (tiny_file.parent / "mlruns.db").exists(), "the UI opened the store next to the file"
+        # bound to loopback only (by default), or where it was asked to; no other server started
+        assert listening(proc.pid) == {(host, port)}
         # `vaebench ui` became the server itself: SIGTERM to it stops its worker children too
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

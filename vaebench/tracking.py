@@ -190,10 +190,14 @@ def log_torch(tracker: Tracker, run_id: str, artifact_path: str, obj: Any) -> No
     log_file(tracker, run_id, artifact_path, lambda p: torch.save(obj, p))
 
 
+class UnsafeArtifact(RuntimeError):
+    """A torch artifact that holds more than tensors and plain containers (a pickled object, code to
+    run) or is no pickle at all: refused, never executed."""
+
+
 def load_torch(tracker: Tracker, run_id: str, artifact_path: str) -> Any | None:
     """Load a torch artifact with weights_only=True (plain tensors and containers only);
-    None when the run has no such artifact."""
-    import torch
+    None when the run has no such artifact; UnsafeArtifact (one line) when it holds anything else."""
     from mlflow.exceptions import MlflowException
 
     root = tracker.client.get_run(run_id).info.artifact_uri
@@ -201,13 +205,31 @@ def load_torch(tracker: Tracker, run_id: str, artifact_path: str) -> Any | None:
         from mlflow.utils.file_utils import local_file_uri_to_path
 
         path = os.path.join(local_file_uri_to_path(root), artifact_path)
-        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+        return _torch_load(path, run_id, artifact_path) if os.path.exists(path) else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = tracker.client.download_artifacts(run_id, artifact_path, tmp)
         except (MlflowException, OSError):
             return None
-        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+        return _torch_load(path, run_id, artifact_path) if os.path.exists(path) else None
+
+
+def _torch_load(path: str, run_id: str, artifact_path: str) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text is a page that ends in advice to load with weights_only=False (which would run
+        # whatever the file holds): keep only what it found, on one line
+        found = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()]
+        found = [line for line in found if line and "weights_only" not in line and "Weights only" not in line
+                 and not line.startswith(("Check the documentation", "Please file an issue"))]
+        detail = " ".join(found)[:300] or "not a file of tensors"
+        raise UnsafeArtifact(f"{artifact_path} of run {run_id} was refused, not loaded: {detail} (vaebench loads "
+                             "only tensors and plain containers from artifacts, never code)") from None
 
 
 class Background:

@@ -21,16 +21,21 @@ if TYPE_CHECKING:
     from vaebench.config import Experiment
     from vaebench.report.collect import ReportData
 
-__all__ = ["build_report", "default_output", "results_frame"]
+__all__ = ["build_report", "default_output", "filename_safe", "results_frame"]
 
 FORMATS = ("html", "csv")
 UI_METRICS = ("test/elbo", "test/nll_iw", "test/recon_mse", "test/kmeans_acc")  # columns of the MLflow UI view
 
 
+def filename_safe(name: str) -> str:
+    """A name (the experiment's, from the file) as a file name: letters, digits, `.`, `_` and `-`
+    only, so never a path (no `/`, no leading dots), at most 100 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:100] or "report"
+
+
 def default_output(exp: Experiment, fmt: str = "html") -> Path:
     """reports/<experiment name>.<fmt> next to the experiments file, the name made filename-safe."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", exp.name).strip("._-")[:100] or "report"
-    return exp.base_dir / "reports" / f"{safe}.{fmt}"
+    return exp.base_dir / "reports" / f"{filename_safe(exp.name)}.{fmt}"
 
 
 def build_report(exp: Experiment, out: str | os.PathLike | None = None, fmt: str = "html") -> Path:

@@ -7,9 +7,10 @@ What is read (see vaebench.tracking and vaebench.runner for what is written):
                keys whose runs never finished are listed separately with their error
   parent runs  `vaebench.kind=parent`: the machine (host, python, torch, cuda)
   studies      `vaebench.kind=study` (Optuna studies, with `optuna.study_name` / `optuna.storage`
-               tags) and their `vaebench.kind=trial` child runs; the Optuna storage is opened when
-               it is reachable (parameter importances, objective names), else the trial runs'
-               own metrics are used
+               tags) and their `vaebench.kind=trial` child runs; the file's own Optuna storage is
+               opened when the study run names it and it is reachable (parameter importances,
+               objective names), else the trial runs' own metrics are used. No other storage a
+               tag names is opened: nothing is fetched from a URL found in a run
 
 Axis values come from the run's tags (the matrix axes, as `vaebench run` tags them) and fall back
 to its params (every setting), so `dataset` shows even when it is not an axis. Columns of numbers
@@ -405,7 +406,7 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
     name = tags.get(TAG_STUDY_NAME) or run.info.run_name or run.info.run_id
     storage = tags.get(TAG_STUDY_STORAGE) or None
     notes: list[str] = []
-    optuna_study = _load_optuna(name, storage, notes)
+    optuna_study = _load_optuna(name, _file_storage(storage, exp, notes), notes)
     objectives, directions = _objectives(optuna_study, tags, exp)
 
     mine = [r for r in trial_runs if r.data.tags.get(tracking.TAG_PARENT) == run.info.run_id]
@@ -453,6 +454,26 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
         notes.append("parameter importances need the Optuna storage; the study run has no "
                      f"`{TAG_STUDY_STORAGE}` tag")
     return study
+
+
+def _file_storage(tagged: str | None, exp: Experiment, notes: list[str]) -> str | None:
+    """The Optuna storage to open for a study run: the experiments file's own (`tune.storage`, else
+    optuna.db next to the MLflow store, as `vaebench tune` resolves it) when the run's
+    `optuna.storage` tag names it. Never the URL in the tag itself: a tag is data, and the report
+    connects to nothing that data names (a database server, another SQLite file)."""
+    if not tagged:
+        return None
+    from vaebench.config import TuneSettings
+    from vaebench.tune.storage import resolved_storage, storage_display
+
+    tune = exp.tune if exp.tune is not None else TuneSettings.model_construct()  # no `tune:`: the default
+    own = resolved_storage(exp.model_copy(update={"tune": tune}))
+    if tagged in (own, storage_display(own)):
+        return own  # with its password, which the tag does not hold
+    notes.append(f"the Optuna storage could not be opened: the study run names {public_uri(tagged)}, which is "
+                 f"not this file's storage ({storage_display(own)}), and the report opens no storage a run "
+                 "names; the history below comes from the trial runs in MLflow")
+    return None
 
 
 def _load_optuna(name: str, storage: str | None, notes: list[str]) -> Any | None:

@@ -239,8 +239,9 @@ def results_section(data: ReportData, columns: list[Column], csv_text: str) -> s
             title = "not applicable to deterministic models" if c.key in na else ""
             cells.append(_num_cell(value, c.fmt, text=text, best=(i, c.key) in best, title=title))
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    name = e(data.name)
-    download = (f'<a download="{name}.csv" href="data:text/csv;charset=utf-8;base64,'
+    from vaebench.report import filename_safe
+
+    download = (f'<a download="{e(filename_safe(data.name))}.csv" href="data:text/csv;charset=utf-8;base64,'
                 f'{base64.b64encode(csv_text.encode()).decode()}">download this table as CSV</a>')
     note = ("<p class=\"small\">One row per run (the latest finished run of each cell). Click a column "
             "to sort; ↑/↓ says which way is better, and the best value per dataset is "
