@@ -41,7 +41,8 @@ def assert_same_training(alone: TrainResult, packed: TrainResult, rtol: float = 
     assert packed.epochs_run == alone.epochs_run and packed.best_epoch == alone.best_epoch
     assert packed.stopped_early == alone.stopped_early
     for a, b in zip(alone.history, packed.history):
-        for key in ("train/loss", "train/recon", "train/kl", "train/kl_weight", "val/loss", "val/recon", "val/kl"):
+        for key in ("train/loss", "train/recon", "train/kl", "train/kl_weight", "train/lr", "val/loss", "val/recon",
+                    "val/kl"):
             assert b[key] == pytest.approx(a[key], rel=rtol, abs=atol), key
     for (name, a), b in zip(alone.model.state_dict().items(), packed.model.state_dict().values()):
         a, b = a.double(), b.double()
@@ -53,9 +54,11 @@ def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> No
     # 20 steps x 10 epochs = 200 steps each
     members = [
         cell(seed=0, beta=1.0),
-        cell(seed=1, beta=4.0, reduction="mean", lr=3e-3, kl_anneal={"schedule": "linear", "epochs": 4}),
+        cell(seed=1, beta=4.0, reduction="mean", lr=3e-3, kl_anneal={"schedule": "linear", "epochs": 4},
+             lr_schedule={"kind": "cosine"}),
         cell(seed=2, beta=0.5, likelihood="gaussian", optimizer="adamw", weight_decay=1e-2),
-        cell(seed=3, beta=2.0, lr=5e-4, weight_decay=1e-3, kl_anneal={"schedule": "cyclical", "epochs": 6}),
+        cell(seed=3, beta=2.0, lr=5e-4, weight_decay=1e-3, kl_anneal={"schedule": "cyclical", "epochs": 6},
+             lr_schedule={"kind": "step", "step_size": 3, "gamma": 0.3}),
         cell(seed=4, patience=2, lr=2e-2),
     ]
     packed = train_packed(members, digits, progress=False)
@@ -117,7 +120,8 @@ def _checkpoint_at(settings: RunSettings, data, epoch: int, packed: bool) -> dic
 
 def test_resume_members_at_different_epochs_and_across_engines(digits) -> None:
     a = cell(seed=0, binarization="dynamic", epochs=6, kl_anneal={"schedule": "linear", "epochs": 3})
-    b = cell(seed=1, beta=2.0, optimizer="adamw", weight_decay=1e-2, epochs=6, binarization="dynamic")
+    b = cell(seed=1, beta=2.0, optimizer="adamw", weight_decay=1e-2, epochs=6, binarization="dynamic",
+             lr_schedule={"kind": "step", "step_size": 2, "gamma": 0.5})
     straight_a, straight_b = train(a, digits, progress=False), train(b, digits, progress=False)
     # a was checkpointed by the plain loop after epoch 1, b by the packed engine after epoch 3
     resumes = [_checkpoint_at(a, digits, 1, packed=False), _checkpoint_at(b, digits, 3, packed=True)]

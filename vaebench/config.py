@@ -133,6 +133,23 @@ class KLAnneal(_Strict):
     ratio: float = Field(0.5, gt=0.0, le=1.0)
 
 
+class LRSchedule(_Strict):
+    """The learning rate over the epochs: set at the start of every epoch from the epoch number alone
+    (vaebench.train.lr_at), so a resumed run continues the schedule exactly. The factor times `lr`:
+
+    none: 1.
+    step: gamma ** (epoch // step_size) (torch's StepLR).
+    cosine: (1 + cos(pi * epoch / epochs)) / 2 (torch's CosineAnnealingLR with T_max = epochs).
+    geometric: stage i (i = 0, 1, ...) lasts growth ** i epochs at gamma ** i (Burda et al. 2015,
+        App. C: growth 3, gamma 10^(-1/7) ~ 0.7197, stages i = 0..7, 3,280 epochs).
+    """
+
+    kind: Literal["none", "step", "cosine", "geometric"] = "none"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    growth: int = Field(3, ge=1)
+
+
 class RunSettings(_Strict):
     """Every setting of one run. Any of them can be a matrix axis; names are the shared vocabulary
     of docs, MLflow params and report columns."""
@@ -154,10 +171,13 @@ class RunSettings(_Strict):
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1.0e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: LRSchedule = LRSchedule()
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(10, ge=1)
     patience: int | None = Field(None, ge=1)
     max_train_samples: int | None = Field(None, ge=1)
+    # the share of the dataset's training set held out (stratified, fixed seed) as the validation split
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     device: str = "auto"
     # How the training step runs: `graphs` captures it once in a CUDA graph and replays it; `off`
@@ -646,6 +666,8 @@ def _allowed_keys(path: tuple) -> list[str]:
         return []
     if path[-1] == "kl_anneal":
         return list(KLAnneal.model_fields)
+    if path[-1] == "lr_schedule":
+        return list(LRSchedule.model_fields)
     if path[-1] == "evaluate":
         return list(EvaluateSettings.model_fields)
     if path[0] in ("defaults", "include") or path[-1] in ("defaults",):

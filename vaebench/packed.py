@@ -6,9 +6,9 @@ preprocessing, family, architecture and its options, latent size, batch size, ep
 vaebench.plan). Their parameters, buffers (batch-norm statistics included) and optimiser state are
 stacked along a leading member axis, and one `torch.func.vmap` of the per-model step of
 vaebench.step trains them all. Everything else is each member's own: beta, reduction, likelihood,
-KL annealing, lr, weight decay, optimiser flavour, patience, noise factor and seed (its own
-initialisation, shuffling and noise streams). So a member trains exactly as it would alone, to
-float precision (tests/test_packed.py checks it against vaebench.train.train).
+KL annealing, lr and its schedule, weight decay, optimiser flavour, patience, noise factor and seed
+(its own initialisation, shuffling and noise streams). So a member trains exactly as it would alone,
+to float precision (tests/test_packed.py checks it against vaebench.train.train).
 
 Each member keeps its own `train.Record` (epochs, history, early stopping) and checkpoint, in the
 plain loop's format, so either engine resumes what the other started. Members may start at
@@ -42,7 +42,7 @@ from vaebench.losses import LikelihoodMix, effective_beta, reduction_scale
 from vaebench.models import AutoEncoder
 from vaebench.step import VAL_SEED, Noise, Streams, draw_noise, fixed_log_sigma, loss_and_sums
 from vaebench.train import (OPTIMIZERS, VAL_BATCH, Record, TrainingDiverged, TrainResult, build_for, epoch_metrics,
-                            kl_weights, num_batches, resolve_device, splits_for, val_metrics)
+                            kl_weights, lr_at, num_batches, resolve_device, splits_for, val_metrics)
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults, which the plain loop uses
 ADAM_EPS = 1e-8
@@ -387,6 +387,9 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
         epochs = [mb.record.epoch + 1 for mb in pack.members]
         weights = [kl_weights(mb.settings, e, n_batches) for mb, e in zip(pack.members, epochs)]
         table = torch.tensor(weights, device=device).T.contiguous()  # (n_batches + 1, M)
+        # each member's lr for this epoch, in place: a captured step reads this very tensor
+        pack.optimizer.lr.copy_(torch.tensor([lr_at(mb.settings, e) for mb, e in zip(pack.members, epochs)],
+                                             dtype=torch.float64))
         perm = torch.stack([mb.streams.permutation(n, device) for mb in pack.members])  # (M, N)
         sums.zero_()
         for b in range(n_batches):

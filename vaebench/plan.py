@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from vaebench.data import Dataset
 
 # Settings each member of a pack keeps as its own (everything else must be equal).
-PER_MEMBER = ("beta", "reduction", "likelihood", "gaussian_sigma", "kl_anneal", "lr", "weight_decay",
+PER_MEMBER = ("beta", "reduction", "likelihood", "gaussian_sigma", "kl_anneal", "lr", "lr_schedule", "weight_decay",
               "optimizer", "seed", "noise", "patience")
 AUTO_MAX_MEMBERS = 32  # `--pack auto`: at most this many cells per unit (the memory bound may say fewer)
 MEMORY_FRACTION = 0.5  # of the device's free memory, for the members of one unit (estimated per member)

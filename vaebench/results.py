@@ -172,9 +172,9 @@ def _log_figures(job: Job, tracker: tracking.Tracker, model: AutoEncoder | None,
 
 
 def _dataset(exp: Experiment, s: RunSettings) -> Dataset:
-    from vaebench.data import load_dataset
+    from vaebench.train import dataset_for
 
-    return load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+    return dataset_for(s, exp.resolved_data_dir())
 
 
 # --- the raw-pixel baseline ------------------------------------------------------------------------
@@ -185,6 +185,8 @@ def baseline_key(s: RunSettings, protocol: EvaluateSettings) -> str:
             "binarization": s.binarization,
             "protocol": protocol.model_dump(include={"max_test_samples", "probe_train_samples",
                                                      "silhouette_samples", "knn_neighbors", "kmeans_restarts"})}
+    if s.val_fraction != RunSettings.model_fields["val_fraction"].default:  # the probes fit on the train split
+        what["val_fraction"] = s.val_fraction  # (only when set: the cached baselines keep their names)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
