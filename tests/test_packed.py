@@ -72,6 +72,7 @@ def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> No
     ("dae", "deep_conv", dict(image_size=16, binarization="static", likelihood="gaussian", gaussian_sigma="learned")),
     ("vae", "conv", dict(binarization="dynamic", reduction="mean")),
     ("ae", "mlp", dict(likelihood="gaussian", gaussian_sigma=0.5)),
+    ("vae", "deep_conv", dict(image_size=16, prior={"kind": "vamp", "pseudo_inputs": 6})),
 ])
 def test_every_family_and_architecture_packs(digits, model: str, arch: str, extra: dict) -> None:
     opts = {"deep_conv": {"channels": [8, 16]}, "conv": {"channels": [8, 16]}, "mlp": {"hidden": [32]}}

@@ -133,6 +133,18 @@ class KLAnneal(_Strict):
     ratio: float = Field(0.5, gt=0.0, le=1.0)
 
 
+class Prior(_Strict):
+    """p(z) of the families that take a choice (models.FAMILIES[model].priors: vae, iwae).
+
+    standard: N(0, I).
+    vamp: the VampPrior (Tomczak & Welling 2018), the mixture of the model's posteriors at
+        `pseudo_inputs` learned pseudo-inputs; elbo and nll_iw are evaluated under it.
+    """
+
+    kind: Literal["standard", "vamp"] = "standard"
+    pseudo_inputs: int = Field(500, ge=1, le=100_000)
+
+
 class LRSchedule(_Strict):
     """The learning rate over the epochs: set at the start of every epoch from the epoch number alone
     (vaebench.train.lr_at), so a resumed run continues the schedule exactly. The factor times `lr`:
@@ -157,6 +169,8 @@ class RunSettings(_Strict):
     dataset: str = "mnist"
     dataset_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     model: str = "vae"
+    family_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    prior: Prior = Prior()
     arch: str = "mlp"
     arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     latent_dim: int = Field(16, ge=1, le=4096)
@@ -233,6 +247,13 @@ class RunSettings(_Strict):
 
         return {a: _validate_block(ARCHS, a, o, "architecture", lambda x: x.options) for a, o in v.items()}
 
+    @field_validator("family_options")
+    @classmethod
+    def _family_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from vaebench.models import FAMILIES
+
+        return {m: _validate_block(FAMILIES, m, o, "model family", lambda x: x.Options) for m, o in v.items()}
+
     @field_validator("dataset_options")
     @classmethod
     def _dataset_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -243,17 +264,35 @@ class RunSettings(_Strict):
     # The fields a validator reads together. Every other field is validated on its own (no
     # validator here looks at another field), which lets matrix.expand validate each axis value
     # once instead of every cell: a validator that reads several fields must name them here.
-    VALIDATED_TOGETHER: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "dataset", "dataset_options")
+    VALIDATED_TOGETHER: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "dataset", "dataset_options", "model",
+                                                     "family_options", "prior", "latent_dim")
 
     @model_validator(mode="after")
     def _keep_chosen_options(self) -> RunSettings:
-        # Keep only the block of the chosen arch/dataset, filled with its defaults: that is what
-        # the run uses and what its run key must depend on.
+        # Keep only the block of the chosen arch/dataset/family, filled with its defaults: that is
+        # what the run uses and what its run key must depend on. A family without options of its
+        # own keeps none (the run keys of ae, vae and dae stay what they were before families had
+        # options).
         from vaebench.data import DATASET_OPTIONS
-        from vaebench.models import ARCHS
+        from vaebench.models import ARCHS, FAMILIES
 
         arch = self.arch_options.get(self.arch) or ARCHS[self.arch].options().model_dump()
         object.__setattr__(self, "arch_options", {self.arch: arch})
+        family = FAMILIES[self.model]
+        if family.Options.model_fields:
+            chosen = self.family_options.get(self.model) or family.Options().model_dump()
+            try:
+                family.check(self.latent_dim, family.Options.model_validate(chosen))
+            except ValueError as e:
+                raise ValueError(f"model {self.model!r}: {e}") from None
+            object.__setattr__(self, "family_options", {self.model: chosen})
+        else:
+            object.__setattr__(self, "family_options", {})
+        if self.prior.kind not in family.priors:
+            takers = [m for m, f in FAMILIES.items() if self.prior.kind in f.priors]
+            raise ValueError(f"prior.kind {self.prior.kind!r} is not available for model {self.model!r}; "
+                             f"allowed models: {', '.join(takers)} (exclude the other cells: "
+                             f"exclude: [{{model: {self.model}, prior.kind: {self.prior.kind}}}])")
         if self.dataset not in self.dataset_options:
             try:
                 chosen = DATASET_OPTIONS[self.dataset]().model_dump()
@@ -272,6 +311,11 @@ class RunSettings(_Strict):
     @property
     def data_config(self) -> dict[str, Any]:
         return self.dataset_options[self.dataset]
+
+    @property
+    def family_config(self) -> dict[str, Any]:
+        """The chosen family's options ({} for a family without any)."""
+        return self.family_options.get(self.model, {})
 
 
 def _one_of(value: str, registry: dict, what: str) -> str:
@@ -668,6 +712,8 @@ def _allowed_keys(path: tuple) -> list[str]:
         return list(KLAnneal.model_fields)
     if path[-1] == "lr_schedule":
         return list(LRSchedule.model_fields)
+    if path[-1] == "prior":
+        return list(Prior.model_fields)
     if path[-1] == "evaluate":
         return list(EvaluateSettings.model_fields)
     if path[0] in ("defaults", "include") or path[-1] in ("defaults",):
@@ -922,8 +968,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         if key in t.cell:
             problems.add(where, f"{key!r} is also fixed in tune.cell; keep it in one place")
             continue
-        if head in ("arch_options", "dataset_options") and rest:
-            chosen = "arch" if head == "arch_options" else "dataset"
+        if head in ("arch_options", "dataset_options", "family_options") and rest:
+            chosen = {"arch_options": "arch", "dataset_options": "dataset", "family_options": "model"}[head]
             if rest[0] != getattr(base_settings, chosen) and chosen not in t.space:
                 problems.add(where, f"has no effect: the cell's {chosen} is {getattr(base_settings, chosen)!r}, "
                                     f"not {rest[0]!r}")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # annotations only: the imports cost ~0.3 s
 FIGURES = (
     "learning_curves.png",
     "reconstructions.png",
-    "samples.png",  # stochastic families only: a deterministic AE has no prior to sample
+    "samples.png",  # generative families only (model.generative): an AE has no prior to sample
     "latent_scatter.png",
     "latent_grid.png",  # 2-dim latents only
     "interpolation.png",
@@ -260,7 +260,7 @@ def draw_run_figures(
 ) -> list[Path]:
     """Draw the FIGURES of a trained `model` on `split` (the test split) into `out_dir` and return
     the paths written, in FIGURES order. Skipped: learning_curves.png without any recorded curve,
-    samples.png for deterministic families, latent_grid.png unless latent_dim == 2.
+    samples.png for families without a prior to sample, latent_grid.png unless latent_dim == 2.
 
     The model is put in eval mode (and given back in the mode it came in). Random draws (prior
     samples, the scatter subsample, dynamic binarization of the split) are seeded with `seed` under
@@ -294,7 +294,7 @@ def draw_run_figures(
             x = split.batch(torch.arange(min(N_RECONSTRUCTIONS, n), device=device))  # (8, C, H, W)
             save("reconstructions.png", reconstructions(x, decode(model.encode(x).mean)))
 
-            if model.stochastic:
+            if model.generative:
                 images = decode(model.sample_prior(N_SAMPLES))
                 save("samples.png", image_grid(images, 8, f"samples from the prior ({N_SAMPLES})"))
 

@@ -71,6 +71,16 @@ def kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def log_normal_std(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the last dim."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+def log_normal_diag(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mean, diag(exp(logvar))) summed over the last dim."""
+    return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
 def reduction_scale(reduction: str, num_pixels: int) -> float:
     """The weight of the summed reconstruction term: 1 for `sum`, 1/D for `mean`."""
     return 1.0 / num_pixels if reduction == "mean" else 1.0

@@ -163,7 +163,7 @@ class Pack:
     """The stacked state of the members still training, and their per-member constants."""
 
     def __init__(self, members: list[RunSettings], shape: tuple[int, int, int], device: torch.device,
-                 resumes: list[dict[str, Any] | None]):
+                 resumes: list[dict[str, Any] | None], n_train: int):
         from torch.func import stack_module_state
 
         models = []
@@ -171,6 +171,7 @@ class Pack:
         for i, (s, resume) in enumerate(zip(members, resumes)):
             torch.manual_seed(s.seed)  # the initialisation, exactly as the plain loop draws it
             model = build_for(s, shape)
+            model.set_dataset_size(n_train)
             template = OPTIMIZERS[s.optimizer](model.parameters(), lr=s.lr, weight_decay=s.weight_decay).state_dict()
             streams = Streams(s.seed, device)
             record = Record()
@@ -351,7 +352,7 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
     train_split, val_split = splits_for(first, data, device)
     shape = train_split.shape
     dynamic = train_split.binarization == "dynamic" and not train_split.binary
-    pack = Pack(members, shape, device, resumes)
+    pack = Pack(members, shape, device, resumes, len(train_split))
     wanted = resolve_compile(first.compile, device)
     how = {"vaebench.engine": "packed", "vaebench.pack.size": str(len(members))}
     if names:

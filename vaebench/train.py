@@ -66,7 +66,9 @@ class TrainResult:
 def build_for(settings: RunSettings, shape: tuple[int, int, int]) -> AutoEncoder:
     return build_model(settings.model, settings.arch, in_shape=shape, latent_dim=settings.latent_dim,
                        arch_options=settings.arch_config, noise=settings.noise,
-                       learn_sigma=settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned")
+                       learn_sigma=settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned",
+                       family_options=settings.family_config, prior=settings.prior.kind,
+                       pseudo_inputs=settings.prior.pseudo_inputs)
 
 
 def dataset_for(settings: RunSettings, data_dir: str | os.PathLike) -> Dataset:
@@ -180,6 +182,7 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     streams = Streams(settings.seed, device)
     train_split, val_split = splits_for(settings, data, device)
     model = build_for(settings, train_split.shape).to(device)
+    model.set_dataset_size(len(train_split))
     optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr,
                                                weight_decay=settings.weight_decay)
     shape = train_split.shape
