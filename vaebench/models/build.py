@@ -15,13 +15,23 @@ from vaebench.models.conv import (
     deep_conv_decoder,
     deep_conv_encoder,
 )
+from vaebench.models.beta_tcvae import BetaTCVAE
 from vaebench.models.families import AE, DAE, VAE, AutoEncoder
+from vaebench.models.info_vae import InfoVAE
+from vaebench.models.iwae import IWAE
 from vaebench.models.mlp import MLPDecoder, MLPEncoder, MLPOptions
+from vaebench.models.vq_vae import VQVAE
+from vaebench.models.wae import WAE
 
 FAMILIES: dict[str, type[AutoEncoder]] = {
     "ae": AE,
     "vae": VAE,
     "dae": DAE,
+    "iwae": IWAE,  # Burda et al. 2015
+    "beta_tcvae": BetaTCVAE,  # Chen et al. 2018
+    "wae_mmd": WAE,  # Tolstikhin et al. 2018
+    "info_vae": InfoVAE,  # Zhao et al. 2019
+    "vq_vae": VQVAE,  # van den Oord et al. 2017
 }
 
 ARCHS: dict[str, Arch] = {
