@@ -426,7 +426,7 @@ def test_every_family_runs_end_to_end_and_logs_what_applies(write_yaml) -> None:
           arch_options: {mlp: {hidden: [32]}}
           family_options: {vq_vae: {codebook_size: 16, code_dim: 2}, iwae: {k: 3}}
         evaluate: {iw_samples: 8, max_test_samples: 100, probe_train_samples: 200, silhouette_samples: 50,
-                   kmeans_restarts: 1}
+                   kmeans_restarts: 1, latent_projection: pca}
         matrix:
           model: [iwae, beta_tcvae, wae_mmd, info_vae, vq_vae]
         include:

@@ -19,6 +19,7 @@ from vaebench.figures import (
     latent_scatter,
     learning_curves,
     tile_images,
+    tsne,
 )
 from vaebench.models import build_model
 
@@ -115,6 +116,19 @@ def test_latent_scatter_title_names_the_projection() -> None:
     assert [t.get_text() for t in legend.get_texts()] == [str(i) for i in range(10)]
     many = latent_scatter(rng.normal(size=(300, 3)), np.arange(300) % 50)  # too many for a legend
     assert len(many.axes) == 2  # the plot and its colorbar
+
+
+def test_latent_scatter_by_tsne_on_a_fixed_subsample() -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(1200) % 4
+    z = rng.normal(size=(1200, 6)) + 4.0 * np.eye(6)[y]  # four separated clusters
+    fig = latent_scatter(z, y, seed=3, projection="tsne")
+    assert fig.axes[0].get_title() == "latent space (t-SNE of 6 dims, 1000 points)"
+    assert len(fig.axes[0].collections[0].get_offsets()) == 1000
+    assert np.array_equal(tsne(z[:60], seed=3), tsne(z[:60], seed=3))  # seeded: the same picture twice
+    assert latent_scatter(z[:, :2], y, projection="tsne").axes[0].get_title() == "latent space (2 dims)"
+    with pytest.raises(ValueError, match="allowed: pca, tsne"):
+        latent_scatter(z, y, projection="umap")
 
 
 def test_grid_latents_is_row_major_with_z2_up() -> None:

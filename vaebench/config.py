@@ -391,6 +391,7 @@ class EvaluateSettings(_Strict):
     knn_neighbors: int = Field(5, ge=1)
     kmeans_restarts: int = Field(10, ge=1)
     figures: bool = True                          # PNG/GIF figures as run artifacts
+    latent_projection: Literal["pca", "tsne"] = "pca"  # latent_scatter.png beyond 2 dims (tsne: seeded subsample)
 
     @field_validator("iw_samples")
     @classmethod

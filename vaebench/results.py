@@ -167,7 +167,8 @@ def _log_figures(job: Job, tracker: tracking.Tracker, model: AutoEncoder | None,
     data = data if data is not None else _dataset(job.exp, s)
     test = to_device(data.test, next(model.parameters()).device, image_size=s.image_size, binarization=s.binarization)
     with tempfile.TemporaryDirectory() as tmp:
-        draw_run_figures(model, test, job.history, tmp, likelihood=s.likelihood)
+        draw_run_figures(model, test, job.history, tmp, likelihood=s.likelihood,
+                         projection=job.exp.evaluate.latent_projection)
         tracker.client.log_artifacts(job.run_id, tmp, "figures")
 
 

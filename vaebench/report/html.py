@@ -457,7 +457,8 @@ def gallery_section(data: ReportData) -> str:
     picker = (f'<label>side by side: <select id="gallery-axis">{options}</select></label> '
               "(runs in one row differ only in this axis)") if axes else ""
     return (f'<p class="small">Per run: test images with their reconstructions, samples from the prior '
-            f'(VAEs), and the latent means coloured by label (PCA beyond 2 dims). {picker}</p>'
+            f'(VAEs), and the latent means coloured by label (PCA or t-SNE beyond 2 dims, as its title '
+            f'says). {picker}</p>'
             f'<div id="gallery-grid" data-axes="{e(json.dumps(axes))}">' + "\n".join(rows) + "</div>")
 
 
