@@ -498,6 +498,19 @@ class TuneSettings(_Strict):
 
 
 
+class Reference(_Strict):
+    """A published number to put beside ours in the report: `value` of `metric` (a test/* metric as
+    logged) for the cells matching `where` (settings or dotted paths, as in exclude rules; none: every
+    cell), from `source`. The report flags a cell (and the mean of a selection of several) whose
+    value is more than `tolerance` (absolute, in the metric's units) away."""
+
+    metric: str
+    value: float
+    source: str = Field(min_length=1)
+    where: dict[str, Any] = Field(default_factory=dict)
+    tolerance: float | None = Field(None, ge=0.0)
+
+
 class Experiment(_Strict):
     name: str = Field(min_length=1)
     tracking_uri: str | None = None
@@ -509,6 +522,7 @@ class Experiment(_Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     evaluate: EvaluateSettings = EvaluateSettings()
     tune: TuneSettings | None = None
+    reference: list[Reference] = Field(default_factory=list)
 
     # Filled in by load_experiment (not YAML keys).
     path: Path | None = Field(None, exclude=True)
@@ -709,6 +723,8 @@ def _allowed_keys(path: tuple) -> list[str]:
         return list(SearchParam.model_fields)
     if path[0] == "tune":
         return []
+    if path[0] == "reference":
+        return list(Reference.model_fields) if len(path) == 2 else []
     if path[-1] == "kl_anneal":
         return list(KLAnneal.model_fields)
     if path[-1] == "lr_schedule":
@@ -762,11 +778,33 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     from vaebench.matrix import MatrixError, expand
 
     try:
-        expand(exp)
+        specs = expand(exp)
     except MatrixError as e:
         problems.add(e.path, e.message)
         raise ConfigError(path, problems.items) from None
+    _check_references(exp, specs, problems)
+    if problems.items:
+        raise ConfigError(path, problems.items)
     return exp
+
+
+def _check_references(exp: Experiment, specs: list, problems: _Problems) -> None:
+    """Each `reference:` entry names a final metric and selects at least one cell."""
+    from vaebench.matrix import matches, split_axis
+
+    for i, ref in enumerate(exp.reference):
+        if not REFERENCE_METRIC.match(ref.metric):
+            problems.add(("reference", i, "metric"), f"{_show(ref.metric)} is not a final metric; expected test/<name> "
+                                                     "as logged, e.g. test/nll_iw, test/elbo, test/recon_mse")
+        unknown = [k for k in ref.where if split_axis(k)[0] not in SETTING_NAMES or "" in k.split(".")]
+        for key in unknown:
+            problems.add(("reference", i, "where", key),
+                         f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+        if not unknown and not any(matches(spec, ref.where) for spec in specs):
+            problems.add(("reference", i, "where"), f"{_show(ref.where)} matches no cell of the matrix")
+
+
+REFERENCE_METRIC = re.compile(r"^test/[A-Za-z0-9_]+$")
 
 
 def _parse(path: Path, text: str) -> tuple[yaml.Node | None, Any]:

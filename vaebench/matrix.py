@@ -266,6 +266,12 @@ def setting_value(spec: RunSpec, key: str) -> Any:
     return flatten(dumped).get(key, dumped.get(key))
 
 
+def matches(spec: RunSpec, where: dict[str, Any]) -> bool:
+    """Whether the cell has every `setting (or dotted path): value` of `where` (an exclude rule, a
+    reference's selection); an empty `where` matches every cell."""
+    return all(same_value(setting_value(spec, k), v) for k, v in where.items())
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equality as a user writes values in YAML or on the command line: `4` equals `4.0`, a number
     equals its text (`--only lr=1e-3`: PyYAML reads 1e-3 as text), `true` is not `1`."""
