@@ -160,6 +160,10 @@ def test_iwae_loss_is_minus_the_log_mean_importance_weight() -> None:
     assert torch.allclose(terms.loss, expected, atol=1e-9)
     assert torch.allclose(terms.recon + terms.kl, -log_w.mean(0), atol=1e-9)  # the 4-sample -ELBO
     assert (terms.loss <= terms.recon + terms.kl + 1e-12).all()  # never looser than the ELBO (Jensen)
+    # Burda et al.'s VAE with k samples: the mean of the log-weights
+    model.options = model.options.model_copy(update={"objective": "vae"})
+    vae_terms = model.terms(out, x, likelihood="bernoulli", recon_scale=1.0, kl_coef=1.0)
+    assert torch.allclose(vae_terms.loss, -log_w.mean(0), atol=1e-9)
 
 
 def test_iwae_with_one_sample_is_the_vae_objective_with_a_sampled_kl() -> None:

@@ -4,7 +4,9 @@ The VAE's model and posterior, trained on the k-sample importance-weighted bound
 
     log p(x) >= E[ log (1/k) sum_i p(x, z_i) / q(z_i|x) ],   z_1..k ~ q(z|x)      (their eq. 8)
 
-which tightens with k; k = 1 is the VAE's ELBO (with a single-sample KL estimate). The k draws are
+which tightens with k; k = 1 is the VAE's ELBO (with a single-sample KL estimate). With
+`objective: vae` it trains their VAE baseline with k samples instead: the average of the k
+log-weights, the ELBO estimated from k samples (their eq. 4 with k draws). The k draws are
 part of the step's explicit noise: eps_shape(B) = (k, B, K), so a packed group of iwae runs with
 the same k draws, per member, what each would draw alone.
 """
@@ -12,7 +14,7 @@ the same k draws, per member, what each would draw alone.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,12 +29,15 @@ class IWAEOptions(BaseModel):
 
     k: importance samples per image in the training objective (Burda et al. compare 1, 5, 50).
         It fixes the step's shapes: runs with different k do not share a pack.
+    objective: `iwae`, -log of the mean of the k importance weights (the IWAE bound), or `vae`,
+        minus the mean of their logs (the ELBO from k samples: Burda et al.'s VAE with k samples).
     """
 
     model_config = ConfigDict(extra="forbid")
     PER_MEMBER: ClassVar[tuple[str, ...]] = ()
 
     k: int = Field(5, ge=1, le=5000)
+    objective: Literal["iwae", "vae"] = "iwae"
 
 
 class IWAE(VAE):
@@ -58,9 +63,9 @@ class IWAE(VAE):
 
     def terms(self, out: Output, x: Tensor, *, likelihood: Likelihood, recon_scale: float | Tensor,
               kl_coef: float | Tensor, log_sigma: Tensor | None = None) -> LossTerms:
-        """-log (1/k) sum_i w_i per image, with the weighted log-weights
-        log w_i = -(recon_scale * [-log p(x|z_i)] + kl_coef * [log q(z_i|x) - log p(z_i)]):
-        with `sum` reduction and beta 1 exactly Burda et al.'s bound. recon and kl are the means
+        """-log (1/k) sum_i w_i per image (objective `vae`: -(1/k) sum_i log w_i), with the weighted
+        log-weights log w_i = -(recon_scale * [-log p(x|z_i)] + kl_coef * [log q(z_i|x) - log p(z_i)]):
+        with `sum` reduction and beta 1 exactly Burda et al.'s bounds. recon and kl are the means
         over the k samples (their sum is the k-sample estimate of -ELBO)."""
         k, b = out.z.shape[:2]
         target = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)  # (k*B, C, H, W)
@@ -68,8 +73,11 @@ class IWAE(VAE):
         post = out.posterior
         kl = log_normal_diag(out.z, post.mean, post.logvar) - self.log_prior(out.z)  # (k, B)
         log_w = -(recon * recon_scale + kl_coef * kl)
-        loss = -(torch.logsumexp(log_w, dim=0) - math.log(k))  # (B,)
+        if self.options.objective == "vae":
+            loss = -log_w.mean(0)  # (B,)
+        else:
+            loss = -(torch.logsumexp(log_w, dim=0) - math.log(k))  # (B,)
         return LossTerms(loss=loss, recon=recon.mean(0), kl=kl.mean(0))
 
     def extra_repr(self) -> str:
-        return f"k={self.options.k}"
+        return f"k={self.options.k}, objective={self.options.objective}"
