@@ -375,7 +375,7 @@ def test_vq_vae_is_evaluated_on_reconstruction_codebook_and_clustering(digits) -
 
 def test_family_options_count_for_the_chosen_family_only() -> None:
     both = {"iwae": {"k": 3}, "vq_vae": {"codebook_size": 8}}
-    assert RunSettings(model="iwae", family_options=both).family_options == {"iwae": {"k": 3}}
+    assert RunSettings(model="iwae", family_options=both).family_options == {"iwae": {"k": 3, "objective": "iwae"}}
     assert RunSettings(model="vae", family_options=both).family_options == {}
     assert run_key(RunSettings(model="vae", family_options=both)) == run_key(RunSettings(model="vae"))
     assert run_key(RunSettings(model="iwae", family_options={"iwae": {"k": 5}})) == run_key(RunSettings(model="iwae"))
