@@ -20,7 +20,7 @@ from vaebench.matrix import expand, run_key
 from vaebench.models import ARCHS, build_model
 from vaebench.models import priors as priors_module
 from vaebench.plan import pack_key
-from vaebench.train import train
+from vaebench.train import train, val_batch
 
 K = 4
 
@@ -164,6 +164,11 @@ def test_iwae_loss_is_minus_the_log_mean_importance_weight() -> None:
     model.options = model.options.model_copy(update={"objective": "vae"})
     vae_terms = model.terms(out, x, likelihood="bernoulli", recon_scale=1.0, kl_coef=1.0)
     assert torch.allclose(vae_terms.loss, -log_w.mean(0), atol=1e-9)
+
+
+def test_iwae_validates_on_smaller_batches_as_it_decodes_k_images_per_image() -> None:
+    assert val_batch(build_model("iwae", "mlp", in_shape=(1, 4, 4), latent_dim=2, family_options={"k": 50})) == 20
+    assert val_batch(build_model("vae", "mlp", in_shape=(1, 4, 4), latent_dim=2)) == 1024
 
 
 def test_iwae_with_one_sample_is_the_vae_objective_with_a_sampled_kl() -> None:
@@ -452,3 +457,20 @@ def test_every_family_runs_end_to_end_and_logs_what_applies(write_yaml) -> None:
     assert cells.loc["vq_vae", "metrics.test/codebook_perplexity"] >= 1
     assert cells.loc["iwae", "params.family_options.iwae.k"] == "3"
     assert cells.loc["vae", "params.prior.kind"] == "vamp"
+
+
+def test_tuning_a_family_option_needs_that_family(write_yaml) -> None:
+    text = """
+        name: t
+        defaults: {dataset: digits}
+        matrix: {model: [MODEL]}
+        tune:
+          metric: test/elbo
+          direction: maximize
+          space:
+            family_options.iwae.k: {low: 1, high: 10}
+        """
+    with pytest.raises(ConfigError, match="has no effect: the cell's model is 'vae', not 'iwae'"):
+        load_experiment(write_yaml(text.replace("MODEL", "vae")))
+    exp = load_experiment(write_yaml(text.replace("MODEL", "iwae"), "iwae.yaml"))
+    assert exp.tune.space["family_options.iwae.k"].type == "int"

@@ -6,8 +6,9 @@ preprocessing, family, architecture and its options, latent size, batch size, ep
 vaebench.plan). Their parameters, buffers (batch-norm statistics included) and optimiser state are
 stacked along a leading member axis, and one `torch.func.vmap` of the per-model step of
 vaebench.step trains them all. Everything else is each member's own: beta, reduction, likelihood,
-KL annealing, lr and its schedule, weight decay, optimiser flavour, patience, noise factor and seed
-(its own initialisation, shuffling and noise streams). So a member trains exactly as it would alone,
+KL annealing, lr and its schedule, weight decay, optimiser flavour, patience, noise factor, seed
+(its own initialisation, shuffling and noise streams) and its family's scalar options (buffers of
+the model, stacked with the rest; models.families). So a member trains exactly as it would alone,
 to float precision (tests/test_packed.py checks it against vaebench.train.train).
 
 Each member keeps its own `train.Record` (epochs, history, early stopping) and checkpoint, in the
@@ -41,8 +42,8 @@ from vaebench.data import Dataset
 from vaebench.losses import LikelihoodMix, effective_beta, reduction_scale
 from vaebench.models import AutoEncoder
 from vaebench.step import VAL_SEED, Noise, Streams, draw_noise, fixed_log_sigma, loss_and_sums
-from vaebench.train import (OPTIMIZERS, VAL_BATCH, Record, TrainingDiverged, TrainResult, build_for, epoch_metrics,
-                            kl_weights, lr_at, num_batches, resolve_device, splits_for, val_metrics)
+from vaebench.train import (OPTIMIZERS, Record, TrainingDiverged, TrainResult, build_for, epoch_metrics, kl_weights,
+                            lr_at, num_batches, resolve_device, splits_for, val_batch, val_metrics)
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults, which the plain loop uses
 ADAM_EPS = 1e-8
@@ -456,9 +457,10 @@ def _build_steps(pack: Pack, split: DeviceSplit, batch: int, n: int, sums: Tenso
 
 
 @torch.no_grad()
-def _validate(pack: Pack, split: DeviceSplit, batch_size: int = VAL_BATCH) -> list[dict[str, float]]:
+def _validate(pack: Pack, split: DeviceSplit, batch_size: int | None = None) -> list[dict[str, float]]:
     """vaebench.train.validate for every member at once: the same batches and the same fixed-seed
     noise (shared by all members), each member's own objective at full KL weight."""
+    batch_size = batch_size or val_batch(pack.model)
     device = split.x.device
     generator = torch.Generator(device=device).manual_seed(VAL_SEED)
     dynamic = split.binarization == "dynamic" and not split.binary

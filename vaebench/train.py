@@ -251,9 +251,10 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
 
 @torch.no_grad()
 def validate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
-             batch_size: int = VAL_BATCH) -> dict[str, float]:
+             batch_size: int | None = None) -> dict[str, float]:
     """The run's own objective at full KL weight on the validation split, plus -ELBO for VAEs.
     Its noise comes from a fixed-seed generator: every epoch and every run see the same draws."""
+    batch_size = batch_size or val_batch(model)
     model.eval()
     device = split.x.device
     generator = torch.Generator(device=device).manual_seed(VAL_SEED)
@@ -269,6 +270,11 @@ def validate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
                                       kl_coef=settings.beta, log_sigma=log_sigma)
         sums += batch_sums
     return val_metrics(sums.tolist(), len(split), model.stochastic)
+
+
+def val_batch(model: AutoEncoder) -> int:
+    """Images per validation batch: VAL_BATCH decoded images (iwae decodes k per image)."""
+    return max(1, VAL_BATCH // model.samples_per_image)
 
 
 def val_metrics(sums: list[float], n: int, stochastic: bool) -> dict[str, float]:

@@ -72,6 +72,11 @@ class AutoEncoder(nn.Module):
     priors: ClassVar[tuple[str, ...]] = ("standard",)  # the `prior.kind`s it supports
     num_codes: int | None = None  # the codebook size of discrete families (Posterior.codes index it)
 
+    @property
+    def samples_per_image(self) -> int:
+        """Images `forward` decodes per input image (iwae: k); bounds the validation batch."""
+        return 1
+
     def __init__(
         self,
         encoder: nn.Module,

@@ -48,6 +48,10 @@ class IWAE(VAE):
     def eps_shape(self, batch: int) -> tuple[int, ...] | None:
         return (self.options.k, batch, self.latent_dim)
 
+    @property
+    def samples_per_image(self) -> int:
+        return self.options.k
+
     def latent(self, posterior: Posterior, eps: Tensor | None = None) -> Tensor:
         """k reparameterised samples per image, (k, B, K)."""
         if eps is None:
