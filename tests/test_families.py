@@ -111,7 +111,8 @@ def test_the_evaluation_uses_the_models_own_prior(digits) -> None:
 
 def test_vamp_is_a_setting_of_the_families_that_take_it(write_yaml) -> None:
     assert RunSettings(model="vae", prior={"kind": "vamp"}).prior.pseudo_inputs == 500
-    with pytest.raises(ValidationError, match=r"prior.kind 'vamp' is not available for model 'ae'; allowed models: vae"):
+    with pytest.raises(ValidationError, match=r"prior.kind 'vamp' is not available for model 'ae'; "
+                                              r"allowed models: vae, iwae"):
         RunSettings(model="ae", prior={"kind": "vamp"})
     with pytest.raises(ValidationError):
         RunSettings(prior={"kind": "vamp", "pseudo_inputs": 0})

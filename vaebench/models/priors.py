@@ -11,7 +11,7 @@ model's own encoder. The evaluation protocol reads p(z) only through `AutoEncode
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +24,6 @@ if TYPE_CHECKING:
 
 PSEUDO_INPUT_MEAN, PSEUDO_INPUT_STD = 0.05, 0.01  # the initialisation of Tomczak & Welling's code (MNIST)
 MIXTURE_CHUNK = 2**24  # at most this many (z, component, dim) terms at once: bounds memory for any k
-
-
-class Prior(Protocol):
-    def log_prob(self, z: Tensor, model: AutoEncoder) -> Tensor: ...
-    def sample(self, n: int, model: AutoEncoder) -> Tensor: ...
-    def kl(self, posterior: Posterior, z: Tensor, model: AutoEncoder) -> Tensor: ...
-    def kl_per_dim(self, posterior: Posterior) -> Tensor | None: ...
 
 
 class StandardPrior(nn.Module):
@@ -96,4 +89,5 @@ class VampPrior(nn.Module):
         return f"pseudo_inputs={self.pseudo_inputs.shape[0]}"
 
 
+# Every prior has log_prob(z, model), sample(n, model), kl(posterior, z, model) and kl_per_dim(posterior).
 PRIORS = {"standard": StandardPrior, "vamp": VampPrior}
