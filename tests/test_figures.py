@@ -19,6 +19,7 @@ from vaebench.figures import (
     latent_scatter,
     learning_curves,
     tile_images,
+    tsne,
 )
 from vaebench.models import build_model
 
@@ -48,6 +49,8 @@ def expected(*skip: str) -> list[str]:
         ("ae", (1, 8, 8), 2, expected("samples.png")),
         ("ae", (3, 32, 32), 5, expected("samples.png", "latent_grid.png")),
         ("vae", (3, 32, 32), 2, expected()),
+        ("wae_mmd", (1, 8, 8), 4, expected("latent_grid.png")),  # deterministic, yet it has a prior to sample
+        ("vq_vae", (1, 8, 8), 4, expected("samples.png", "latent_grid.png")),  # no learned prior over its codes
     ],
 )
 def test_draw_run_figures_writes_the_expected_files(
@@ -55,6 +58,8 @@ def test_draw_run_figures_writes_the_expected_files(
 ) -> None:
     torch.manual_seed(0)
     model = build_model(family, "mlp", in_shape=shape, latent_dim=latent_dim)
+    if family == "vq_vae":  # its initial entries are within 1/512 of 0: every picture would be the same
+        torch.nn.init.normal_(model.codebook)
     model.train()
     rng_before = torch.get_rng_state()
     paths = draw_run_figures(model, random_split(shape), HISTORY, tmp_path / "figs", seed=1, max_points=25)
@@ -111,6 +116,19 @@ def test_latent_scatter_title_names_the_projection() -> None:
     assert [t.get_text() for t in legend.get_texts()] == [str(i) for i in range(10)]
     many = latent_scatter(rng.normal(size=(300, 3)), np.arange(300) % 50)  # too many for a legend
     assert len(many.axes) == 2  # the plot and its colorbar
+
+
+def test_latent_scatter_by_tsne_on_a_fixed_subsample() -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(1200) % 4
+    z = rng.normal(size=(1200, 6)) + 4.0 * np.eye(6)[y]  # four separated clusters
+    fig = latent_scatter(z, y, seed=3, projection="tsne")
+    assert fig.axes[0].get_title() == "latent space (t-SNE of 6 dims, 1000 points)"
+    assert len(fig.axes[0].collections[0].get_offsets()) == 1000
+    assert np.array_equal(tsne(z[:60], seed=3), tsne(z[:60], seed=3))  # seeded: the same picture twice
+    assert latent_scatter(z[:, :2], y, projection="tsne").axes[0].get_title() == "latent space (2 dims)"
+    with pytest.raises(ValueError, match="allowed: pca, tsne"):
+        latent_scatter(z, y, projection="umap")
 
 
 def test_grid_latents_is_row_major_with_z2_up() -> None:

@@ -83,3 +83,27 @@ def test_params_are_flat_strings(write_yaml) -> None:
     params = spec.params()
     assert params["kl_anneal.schedule"] == "none" and params["arch_options.mlp.hidden"] == "[512]"
     assert all(isinstance(v, str) for v in params.values())
+
+
+def test_settings_added_later_keep_the_run_keys_of_earlier_runs() -> None:
+    # keys written before lr_schedule / val_fraction / family_options / prior existed (commit 2ab5265)
+    assert run_key(RunSettings(dataset="digits", model="vae", latent_dim=4)) == "7067a9aa33e7"
+    assert run_key(RunSettings(dataset="mnist", model="dae", arch="conv", noise=0.5,
+                               kl_anneal={"schedule": "linear", "epochs": 3})) == "2891ad2053b5"
+    # spelling a default out changes nothing; any other value is another cell
+    base = RunSettings(dataset="digits", model="vae", latent_dim=4)
+    assert run_key(base.model_copy(update={"val_fraction": 0.1})) == "7067a9aa33e7"
+    assert run_key(RunSettings(dataset="digits", latent_dim=4, lr_schedule={"kind": "none"})) == "7067a9aa33e7"
+    assert run_key(RunSettings(dataset="digits", latent_dim=4, val_fraction=0.2)) != "7067a9aa33e7"
+    assert run_key(RunSettings(dataset="digits", latent_dim=4, lr_schedule={"kind": "cosine"})) != "7067a9aa33e7"
+
+
+def test_expansion_gives_the_same_keys_as_run_key_for_later_settings(write_yaml) -> None:
+    specs = expand(load_experiment(write_yaml("""
+        name: m
+        defaults: {dataset: digits, epochs: 1}
+        matrix:
+          val_fraction: [0.1, 0.2]
+          lr_schedule.kind: [none, step, cosine]
+        """)))
+    assert len({s.key for s in specs}) == 6 and all(s.key == run_key(s.settings) for s in specs)

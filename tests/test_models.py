@@ -14,27 +14,36 @@ B, K = 4, 8
 
 
 def train_step(model: AutoEncoder, x: torch.Tensor) -> float:
-    """One Adam step on BCE-with-logits (+ KL for vae); returns the loss."""
+    """One Adam step on the family's own objective (Bernoulli likelihood, sum reduction, beta 1);
+    returns the loss."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     out = model(model.corrupt(x))
-    loss = F.binary_cross_entropy_with_logits(out.logits, x, reduction="sum") / len(x)
-    if model.stochastic:
+    loss = model.terms(out, x, likelihood="bernoulli", recon_scale=1.0, kl_coef=1.0).loss.mean()
+    if family_of(model) == "vae":  # the family's objective is the textbook one: BCE + closed-form KL
         mean, logvar = out.posterior.mean, out.posterior.logvar
-        loss = loss + 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        textbook = F.binary_cross_entropy_with_logits(out.logits, x, reduction="sum") / len(x) \
+            + 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        assert torch.allclose(loss, textbook, rtol=1e-5)
     opt.zero_grad()
     loss.backward()
     opt.step()
     return loss.item()
 
 
-def check_model(family: str, arch: str, shape: tuple[int, int, int]) -> None:
+def family_of(model: AutoEncoder) -> str:
+    return next(name for name, cls in FAMILIES.items() if type(model) is cls)
+
+
+def check_model(family: str, arch: str, shape: tuple[int, int, int], **kwargs) -> None:
     torch.manual_seed(0)
-    model = build_model(family, arch, in_shape=shape, latent_dim=K, noise=0.2)
+    model = build_model(family, arch, in_shape=shape, latent_dim=K, noise=0.2, **kwargs)
     x = torch.rand(B, *shape)
     out = model(x)
     assert isinstance(out, Output)
-    assert out.logits.shape == (B, *shape)
-    assert out.z.shape == out.posterior.mean.shape == (B, K)
+    lead = tuple(out.logits.shape[:-4])  # iwae decodes k samples per image: (k,)
+    assert lead == ((model.options.k,) if family == "iwae" else ())
+    assert out.logits.shape[-4:] == (B, *shape)
+    assert out.z.shape == (*lead, B, K) and out.posterior.mean.shape == (B, K)
     assert (out.posterior.logvar is None) == (not model.stochastic)
     if model.stochastic:
         assert out.posterior.logvar.shape == (B, K)

@@ -41,7 +41,8 @@ def assert_same_training(alone: TrainResult, packed: TrainResult, rtol: float = 
     assert packed.epochs_run == alone.epochs_run and packed.best_epoch == alone.best_epoch
     assert packed.stopped_early == alone.stopped_early
     for a, b in zip(alone.history, packed.history):
-        for key in ("train/loss", "train/recon", "train/kl", "train/kl_weight", "val/loss", "val/recon", "val/kl"):
+        for key in ("train/loss", "train/recon", "train/kl", "train/kl_weight", "train/lr", "val/loss", "val/recon",
+                    "val/kl"):
             assert b[key] == pytest.approx(a[key], rel=rtol, abs=atol), key
     for (name, a), b in zip(alone.model.state_dict().items(), packed.model.state_dict().values()):
         a, b = a.double(), b.double()
@@ -53,9 +54,11 @@ def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> No
     # 20 steps x 10 epochs = 200 steps each
     members = [
         cell(seed=0, beta=1.0),
-        cell(seed=1, beta=4.0, reduction="mean", lr=3e-3, kl_anneal={"schedule": "linear", "epochs": 4}),
+        cell(seed=1, beta=4.0, reduction="mean", lr=3e-3, kl_anneal={"schedule": "linear", "epochs": 4},
+             lr_schedule={"kind": "cosine"}),
         cell(seed=2, beta=0.5, likelihood="gaussian", optimizer="adamw", weight_decay=1e-2),
-        cell(seed=3, beta=2.0, lr=5e-4, weight_decay=1e-3, kl_anneal={"schedule": "cyclical", "epochs": 6}),
+        cell(seed=3, beta=2.0, lr=5e-4, weight_decay=1e-3, kl_anneal={"schedule": "cyclical", "epochs": 6},
+             lr_schedule={"kind": "step", "step_size": 3, "gamma": 0.3}),
         cell(seed=4, patience=2, lr=2e-2),
     ]
     packed = train_packed(members, digits, progress=False)
@@ -69,6 +72,7 @@ def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> No
     ("dae", "deep_conv", dict(image_size=16, binarization="static", likelihood="gaussian", gaussian_sigma="learned")),
     ("vae", "conv", dict(binarization="dynamic", reduction="mean")),
     ("ae", "mlp", dict(likelihood="gaussian", gaussian_sigma=0.5)),
+    ("vae", "deep_conv", dict(image_size=16, prior={"kind": "vamp", "pseudo_inputs": 6})),
 ])
 def test_every_family_and_architecture_packs(digits, model: str, arch: str, extra: dict) -> None:
     opts = {"deep_conv": {"channels": [8, 16]}, "conv": {"channels": [8, 16]}, "mlp": {"hidden": [32]}}
@@ -79,6 +83,33 @@ def test_every_family_and_architecture_packs(digits, model: str, arch: str, extr
         assert_same_training(train(s, digits, progress=False), p)
     if model == "dae":  # each member corrupted with its own noise factor
         assert [float(p.model.noise_scale) for p in packed] == pytest.approx([0.1, 0.4, 0.7])
+
+
+# Per family: members that differ in the options each may keep as its own (Options.PER_MEMBER).
+FAMILY_MEMBERS = {
+    "iwae": [dict(k=3)] * 3,
+    "beta_tcvae": [dict(beta=1.0), dict(beta=6.0, alpha=0.5), dict(gamma=3.0)],
+    "wae_mmd": [dict(weight=1.0), dict(weight=10.0), dict(weight=100.0)],
+    "info_vae": [dict(alpha=0.0), dict(alpha=0.5, weight=5.0), dict(alpha=1.0, weight=100.0)],
+    "vq_vae": [dict(code_dim=2, codebook_size=16, commitment=c) for c in (0.1, 0.25, 1.0)],
+    "vq_vae+ema": [dict(code_dim=2, codebook_size=16, ema=True, decay=d, commitment=c)
+                   for d, c in ((0.8, 0.25), (0.9, 0.5), (0.99, 0.1))],
+}
+
+
+# (beta_tcvae on mlp: its sampled KL is ~0.01 nats after 3 epochs here, and a grouped convolution's
+# other summation order moves so small a difference of two log-densities beyond the tolerance)
+@pytest.mark.parametrize("family,arch", [("iwae", "mlp"), ("beta_tcvae", "mlp"), ("wae_mmd", "conv"),
+                                         ("info_vae", "mlp"), ("vq_vae", "mlp"), ("vq_vae+ema", "deep_conv")])
+def test_every_new_family_packs_with_its_own_options_per_member(digits, family: str, arch: str) -> None:
+    model = family.split("+")[0]
+    opts = {"deep_conv": {"channels": [8, 16]}, "conv": {"channels": [8, 16]}, "mlp": {"hidden": [32]}}
+    members = [cell(model=model, arch=arch, arch_options=opts, epochs=3, seed=i, beta=0.5 + i,
+                    binarization="dynamic", family_options={model: o}) for i, o in enumerate(FAMILY_MEMBERS[family])]
+    packed = train_packed(members, digits, progress=False)
+    for s, p in zip(members, packed):
+        assert p.how["vaebench.engine"] == "packed"
+        assert_same_training(train(s, digits, progress=False), p)
 
 
 def test_members_leave_as_they_stop_early_or_diverge(digits) -> None:
@@ -117,7 +148,8 @@ def _checkpoint_at(settings: RunSettings, data, epoch: int, packed: bool) -> dic
 
 def test_resume_members_at_different_epochs_and_across_engines(digits) -> None:
     a = cell(seed=0, binarization="dynamic", epochs=6, kl_anneal={"schedule": "linear", "epochs": 3})
-    b = cell(seed=1, beta=2.0, optimizer="adamw", weight_decay=1e-2, epochs=6, binarization="dynamic")
+    b = cell(seed=1, beta=2.0, optimizer="adamw", weight_decay=1e-2, epochs=6, binarization="dynamic",
+             lr_schedule={"kind": "step", "step_size": 2, "gamma": 0.5})
     straight_a, straight_b = train(a, digits, progress=False), train(b, digits, progress=False)
     # a was checkpointed by the plain loop after epoch 1, b by the packed engine after epoch 3
     resumes = [_checkpoint_at(a, digits, 1, packed=False), _checkpoint_at(b, digits, 3, packed=True)]

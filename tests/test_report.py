@@ -22,7 +22,7 @@ from PIL import Image
 
 from vaebench import tracking
 from vaebench.cli import main
-from vaebench.config import load_experiment
+from vaebench.config import ConfigError, load_experiment
 from vaebench.matrix import expand
 from vaebench.report import build_report, default_output
 from vaebench.report.collect import collect
@@ -458,3 +458,52 @@ def test_a_real_tune_study_is_reported(write_yaml) -> None:
     page = Page(build_report(exp).read_text(encoding="utf-8"))
     assert not page.problems and page.figures["fig-study0-history"]["img"]
     assert "3 finished" in " ".join(" ".join(page.text).split())
+
+
+def test_published_numbers_are_shown_beside_ours_and_flagged_beyond_tolerance(write_yaml) -> None:
+    path = write_yaml("""
+        name: refs
+        seeds: [0, 1]
+        defaults: {dataset: digits, epochs: 1, max_train_samples: 128, arch_options: {mlp: {hidden: [16]}}}
+        evaluate: {iw_samples: 2, clustering: false, figures: false}
+        matrix: {model: [ae, vae]}
+        reference:
+          - {metric: test/nll_iw, value: 40.0, source: "a paper, Table 1", where: {model: vae}, tolerance: 1000}
+          - {metric: test/recon_mse, value: 0.0, source: "an impossible claim", where: {model: ae, seed: 0},
+             tolerance: 0.0001}
+          - {metric: test/elbo, value: -1.0, source: "not for an ae", where: {model: ae, seed: 1}, tolerance: 1}
+          - {metric: test/recon_bce, value: 30.0, source: "no tolerance given"}
+    """)
+    exp = load_experiment(path)
+    run_experiment(exp, progress=False, echo=quiet)
+    refs = collect(exp, images=False).references
+    vae = refs[refs["reference"] == 0]
+    assert list(vae["run_name"].str.startswith("vae")) == [True, True, False]  # two seeds, then their mean
+    assert vae.iloc[2]["run_name"] == "mean of 2 runs" and set(vae["status"]) == {"within"}
+    assert vae.iloc[2]["ours"] == pytest.approx(vae.iloc[:2]["ours"].mean())
+    assert vae.iloc[0]["difference"] == pytest.approx(vae.iloc[0]["ours"] - 40.0)
+    (impossible,) = refs[refs["reference"] == 1].itertuples()
+    assert impossible.status == "beyond" and impossible.difference > 0.0001
+    assert refs[refs["reference"] == 2]["status"].tolist() == ["not measured"]
+    assert set(refs[refs["reference"] == 3]["status"]) == {"no tolerance"} and len(refs[refs["reference"] == 3]) == 5
+    page = Page(build_report(exp).read_text(encoding="utf-8"))
+    assert not page.problems
+    table = page.table("references-table")
+    assert len(table) == len(refs) and "⚠ beyond" in set(table["status"])
+    assert "a paper, Table 1" in set(table["source"])
+    assert "1 of 4 compared values are beyond" in " ".join(" ".join(page.text).split())
+
+
+def test_reference_entries_are_checked(write_yaml) -> None:
+    base = "name: r\ndefaults: {dataset: digits}\nmatrix: {model: [ae, vae]}\nreference:\n"
+    bad = {
+        "  - {metric: val/loss, value: 1, source: s}\n": "reference[0].metric: 'val/loss' is not a final metric",
+        "  - {metric: test/elbo, value: 1, source: s, where: {modle: vae}}\n": "unknown setting 'modle'",
+        "  - {metric: test/elbo, value: 1, source: s, where: {model: dae}}\n": "matches no cell of the matrix",
+        "  - {metric: test/elbo, value: 1}\n": "reference[0].source: Field required",
+        "  - {metric: test/elbo, value: 1, source: s, tol: 2}\n": "unknown key 'tol'; allowed: metric, value, source",
+    }
+    for entry, message in bad.items():
+        with pytest.raises(ConfigError) as info:
+            load_experiment(write_yaml(base + entry))
+        assert message in str(info.value), (entry, str(info.value))

@@ -9,7 +9,7 @@ import torch
 
 from vaebench.config import RunSettings
 from vaebench.data import load_dataset
-from vaebench.train import resolve_device, train
+from vaebench.train import dataset_for, lr_at, resolve_device, train
 
 
 def settings(**kw) -> RunSettings:
@@ -99,3 +99,62 @@ def test_should_stop_interrupts_between_batches(tmp_path) -> None:
         train(settings(), data, progress=False, should_stop=should_stop,
               on_epoch_end=lambda e, m, c: epochs_done.append(e))
     assert epochs_done == [0] and len(polls) == 11
+
+
+@pytest.mark.parametrize("schedule,make", [
+    ({"kind": "step", "step_size": 3, "gamma": 0.5}, lambda opt: torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)),
+    ({"kind": "cosine"}, lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)),
+    ({"kind": "none"}, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)),
+])
+def test_lr_schedules_match_torch_schedulers(schedule: dict, make) -> None:
+    s = settings(epochs=10, lr=0.02, lr_schedule=schedule)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.02)
+    scheduler = make(opt)
+    for epoch in range(10):
+        assert lr_at(s, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), epoch
+        opt.step()
+        scheduler.step()
+
+
+def test_geometric_schedule_is_burdas() -> None:
+    # Burda et al. 2015, App. C: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7: 3,280 epochs in all
+    s = settings(lr=1e-3, epochs=3280, lr_schedule={"kind": "geometric", "growth": 3, "gamma": 10 ** (-1 / 7)})
+    lrs = [lr_at(s, e) for e in range(3280)]
+    stages = [lrs.count(v) for v in dict.fromkeys(lrs)]
+    assert stages == [3 ** i for i in range(8)]
+    assert lrs[0] == 1e-3 and lrs[-1] == pytest.approx(1e-4, rel=1e-9)
+
+
+def test_lr_is_logged_and_a_resumed_schedule_continues_exactly(tmp_path) -> None:
+    data = load_dataset("digits", tmp_path)
+    s = settings(lr_schedule={"kind": "step", "step_size": 1, "gamma": 0.5}, binarization="dynamic")
+    straight = train(s, data, progress=False)
+    assert [h["train/lr"] for h in straight.history] == pytest.approx([3e-3, 1.5e-3, 7.5e-4, 3.75e-4])
+    saved = {}
+
+    def interrupt(epoch: int, metrics: dict, checkpoint: dict) -> None:
+        if epoch == 1:
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            saved["bytes"] = buf.getvalue()
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(s, data, on_epoch_end=interrupt, progress=False)
+    resumed = train(s, data, resume=torch.load(io.BytesIO(saved["bytes"]), weights_only=True), progress=False)
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in straight.history]
+    assert [h["train/lr"] for h in resumed.history] == [h["train/lr"] for h in straight.history]
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a schedule changes training: the same run at a constant lr ends elsewhere
+    constant = train(settings(binarization="dynamic"), data, progress=False)
+    assert constant.history[-1]["train/loss"] != straight.history[-1]["train/loss"]
+
+
+def test_val_fraction_sets_the_validation_split(tmp_path) -> None:
+    default = dataset_for(settings(), tmp_path)
+    fifth = dataset_for(settings(val_fraction=0.2), tmp_path)
+    n = len(default.train) + len(default.val)
+    assert len(fifth.train) + len(fifth.val) == n and len(fifth.val) == round(0.2 * n)
+    assert len(default.val) == round(0.1 * n)
+    assert torch.equal(default.test.x, fifth.test.x)  # the test split is never touched

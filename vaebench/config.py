@@ -133,6 +133,35 @@ class KLAnneal(_Strict):
     ratio: float = Field(0.5, gt=0.0, le=1.0)
 
 
+class Prior(_Strict):
+    """p(z) of the families that take a choice (models.FAMILIES[model].priors: vae, iwae).
+
+    standard: N(0, I).
+    vamp: the VampPrior (Tomczak & Welling 2018), the mixture of the model's posteriors at
+        `pseudo_inputs` learned pseudo-inputs; elbo and nll_iw are evaluated under it.
+    """
+
+    kind: Literal["standard", "vamp"] = "standard"
+    pseudo_inputs: int = Field(500, ge=1, le=100_000)
+
+
+class LRSchedule(_Strict):
+    """The learning rate over the epochs: set at the start of every epoch from the epoch number alone
+    (vaebench.train.lr_at), so a resumed run continues the schedule exactly. The factor times `lr`:
+
+    none: 1.
+    step: gamma ** (epoch // step_size) (torch's StepLR).
+    cosine: (1 + cos(pi * epoch / epochs)) / 2 (torch's CosineAnnealingLR with T_max = epochs).
+    geometric: stage i (i = 0, 1, ...) lasts growth ** i epochs at gamma ** i (Burda et al. 2015,
+        App. C: growth 3, gamma 10^(-1/7) ~ 0.7197, stages i = 0..7, 3,280 epochs).
+    """
+
+    kind: Literal["none", "step", "cosine", "geometric"] = "none"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    growth: int = Field(3, ge=1)
+
+
 class RunSettings(_Strict):
     """Every setting of one run. Any of them can be a matrix axis; names are the shared vocabulary
     of docs, MLflow params and report columns."""
@@ -140,6 +169,8 @@ class RunSettings(_Strict):
     dataset: str = "mnist"
     dataset_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     model: str = "vae"
+    family_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    prior: Prior = Prior()
     arch: str = "mlp"
     arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     latent_dim: int = Field(16, ge=1, le=4096)
@@ -154,10 +185,13 @@ class RunSettings(_Strict):
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1.0e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: LRSchedule = LRSchedule()
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(10, ge=1)
     patience: int | None = Field(None, ge=1)
     max_train_samples: int | None = Field(None, ge=1)
+    # the share of the dataset's training set held out (stratified, fixed seed) as the validation split
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     device: str = "auto"
     # How the training step runs: `graphs` captures it once in a CUDA graph and replays it; `off`
@@ -213,6 +247,13 @@ class RunSettings(_Strict):
 
         return {a: _validate_block(ARCHS, a, o, "architecture", lambda x: x.options) for a, o in v.items()}
 
+    @field_validator("family_options")
+    @classmethod
+    def _family_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from vaebench.models import FAMILIES
+
+        return {m: _validate_block(FAMILIES, m, o, "model family", lambda x: x.Options) for m, o in v.items()}
+
     @field_validator("dataset_options")
     @classmethod
     def _dataset_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -223,17 +264,35 @@ class RunSettings(_Strict):
     # The fields a validator reads together. Every other field is validated on its own (no
     # validator here looks at another field), which lets matrix.expand validate each axis value
     # once instead of every cell: a validator that reads several fields must name them here.
-    VALIDATED_TOGETHER: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "dataset", "dataset_options")
+    VALIDATED_TOGETHER: ClassVar[tuple[str, ...]] = ("arch", "arch_options", "dataset", "dataset_options", "model",
+                                                     "family_options", "prior", "latent_dim")
 
     @model_validator(mode="after")
     def _keep_chosen_options(self) -> RunSettings:
-        # Keep only the block of the chosen arch/dataset, filled with its defaults: that is what
-        # the run uses and what its run key must depend on.
+        # Keep only the block of the chosen arch/dataset/family, filled with its defaults: that is
+        # what the run uses and what its run key must depend on. A family without options of its
+        # own keeps none (the run keys of ae, vae and dae stay what they were before families had
+        # options).
         from vaebench.data import DATASET_OPTIONS
-        from vaebench.models import ARCHS
+        from vaebench.models import ARCHS, FAMILIES
 
         arch = self.arch_options.get(self.arch) or ARCHS[self.arch].options().model_dump()
         object.__setattr__(self, "arch_options", {self.arch: arch})
+        family = FAMILIES[self.model]
+        if family.Options.model_fields:
+            chosen = self.family_options.get(self.model) or family.Options().model_dump()
+            try:
+                family.check(self.latent_dim, family.Options.model_validate(chosen))
+            except ValueError as e:
+                raise ValueError(f"model {self.model!r}: {e}") from None
+            object.__setattr__(self, "family_options", {self.model: chosen})
+        else:
+            object.__setattr__(self, "family_options", {})
+        if self.prior.kind not in family.priors:
+            takers = [m for m, f in FAMILIES.items() if self.prior.kind in f.priors]
+            raise ValueError(f"prior.kind {self.prior.kind!r} is not available for model {self.model!r}; "
+                             f"allowed models: {', '.join(takers)} (exclude the other cells: "
+                             f"exclude: [{{model: {self.model}, prior.kind: {self.prior.kind}}}])")
         if self.dataset not in self.dataset_options:
             try:
                 chosen = DATASET_OPTIONS[self.dataset]().model_dump()
@@ -252,6 +311,11 @@ class RunSettings(_Strict):
     @property
     def data_config(self) -> dict[str, Any]:
         return self.dataset_options[self.dataset]
+
+    @property
+    def family_config(self) -> dict[str, Any]:
+        """The chosen family's options ({} for a family without any)."""
+        return self.family_options.get(self.model, {})
 
 
 def _one_of(value: str, registry: dict, what: str) -> str:
@@ -327,6 +391,7 @@ class EvaluateSettings(_Strict):
     knn_neighbors: int = Field(5, ge=1)
     kmeans_restarts: int = Field(10, ge=1)
     figures: bool = True                          # PNG/GIF figures as run artifacts
+    latent_projection: Literal["pca", "tsne"] = "pca"  # latent_scatter.png beyond 2 dims (tsne: seeded subsample)
 
     @field_validator("iw_samples")
     @classmethod
@@ -433,6 +498,19 @@ class TuneSettings(_Strict):
 
 
 
+class Reference(_Strict):
+    """A published number to put beside ours in the report: `value` of `metric` (a test/* metric as
+    logged) for the cells matching `where` (settings or dotted paths, as in exclude rules; none: every
+    cell), from `source`. The report flags a cell (and the mean of a selection of several) whose
+    value is more than `tolerance` (absolute, in the metric's units) away."""
+
+    metric: str
+    value: float
+    source: str = Field(min_length=1)
+    where: dict[str, Any] = Field(default_factory=dict)
+    tolerance: float | None = Field(None, ge=0.0)
+
+
 class Experiment(_Strict):
     name: str = Field(min_length=1)
     tracking_uri: str | None = None
@@ -444,6 +522,7 @@ class Experiment(_Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     evaluate: EvaluateSettings = EvaluateSettings()
     tune: TuneSettings | None = None
+    reference: list[Reference] = Field(default_factory=list)
 
     # Filled in by load_experiment (not YAML keys).
     path: Path | None = Field(None, exclude=True)
@@ -644,8 +723,14 @@ def _allowed_keys(path: tuple) -> list[str]:
         return list(SearchParam.model_fields)
     if path[0] == "tune":
         return []
+    if path[0] == "reference":
+        return list(Reference.model_fields) if len(path) == 2 else []
     if path[-1] == "kl_anneal":
         return list(KLAnneal.model_fields)
+    if path[-1] == "lr_schedule":
+        return list(LRSchedule.model_fields)
+    if path[-1] == "prior":
+        return list(Prior.model_fields)
     if path[-1] == "evaluate":
         return list(EvaluateSettings.model_fields)
     if path[0] in ("defaults", "include") or path[-1] in ("defaults",):
@@ -693,11 +778,33 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     from vaebench.matrix import MatrixError, expand
 
     try:
-        expand(exp)
+        specs = expand(exp)
     except MatrixError as e:
         problems.add(e.path, e.message)
         raise ConfigError(path, problems.items) from None
+    _check_references(exp, specs, problems)
+    if problems.items:
+        raise ConfigError(path, problems.items)
     return exp
+
+
+def _check_references(exp: Experiment, specs: list, problems: _Problems) -> None:
+    """Each `reference:` entry names a final metric and selects at least one cell."""
+    from vaebench.matrix import matches, split_axis
+
+    for i, ref in enumerate(exp.reference):
+        if not REFERENCE_METRIC.match(ref.metric):
+            problems.add(("reference", i, "metric"), f"{_show(ref.metric)} is not a final metric; expected test/<name> "
+                                                     "as logged, e.g. test/nll_iw, test/elbo, test/recon_mse")
+        unknown = [k for k in ref.where if split_axis(k)[0] not in SETTING_NAMES or "" in k.split(".")]
+        for key in unknown:
+            problems.add(("reference", i, "where", key),
+                         f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
+        if not unknown and not any(matches(spec, ref.where) for spec in specs):
+            problems.add(("reference", i, "where"), f"{_show(ref.where)} matches no cell of the matrix")
+
+
+REFERENCE_METRIC = re.compile(r"^test/[A-Za-z0-9_]+$")
 
 
 def _parse(path: Path, text: str) -> tuple[yaml.Node | None, Any]:
@@ -900,8 +1007,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         if key in t.cell:
             problems.add(where, f"{key!r} is also fixed in tune.cell; keep it in one place")
             continue
-        if head in ("arch_options", "dataset_options") and rest:
-            chosen = "arch" if head == "arch_options" else "dataset"
+        if head in ("arch_options", "dataset_options", "family_options") and rest:
+            chosen = {"arch_options": "arch", "dataset_options": "dataset", "family_options": "model"}[head]
             if rest[0] != getattr(base_settings, chosen) and chosen not in t.space:
                 problems.add(where, f"has no effect: the cell's {chosen} is {getattr(base_settings, chosen)!r}, "
                                     f"not {rest[0]!r}")

@@ -9,15 +9,23 @@ Whatever a run was trained with (reduction, beta, annealing), it is evaluated wi
   kl          total, and per latent dim; active_units = #dims with Var_x(E_q[z_d|x]) > 0.01
   clustering  on posterior means with the labels (vaebench.clustering), and the same scores on
               raw pixels as the dataset's baseline
+  codebook_*  discrete families (vq_vae): perplexity exp(H) of the code usage on the test split,
+              dead codes (never used) and the share of the codebook used
 
-Deterministic families (ae, dae) have no ELBO: those metrics are absent (not applicable), never 0.
+p(z) is the model's own prior (`model.log_prior`): the VampPrior of a run that trained with it. Where
+the prior has no closed-form KL, `kl` is the Monte Carlo estimate E_q[log q(z|x) - log p(z)] from
+the same k samples, and there is no per-dim table.
+
+Families without an ELBO (ae, dae, wae_mmd, vq_vae: no posterior distribution) have no elbo, bpd,
+nll_iw, kl, active_units: those metrics are absent (not applicable), never 0. Their clustering is
+scored on their codes: the encoder's output (vq_vae: the quantised code).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -26,12 +34,13 @@ from torch import Tensor
 
 from vaebench.batches import DeviceSplit
 from vaebench.config import EvaluateSettings, RunSettings
-from vaebench.losses import LIKELIHOODS, LOG_2PI, kl_per_dim
+from vaebench.losses import LIKELIHOODS, log_normal_diag, log_normal_std
 from vaebench.models import AutoEncoder, Posterior
 from vaebench.step import log_sigma_of
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015
 STOCHASTIC_ONLY = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units")
+CODEBOOK_ONLY = ("codebook_perplexity", "dead_codes", "codebook_usage")
 EVAL_SEED = 0  # the same posterior draws for every run
 
 
@@ -55,42 +64,58 @@ class Evaluation:
     codes: Codes | None = None  # set when the protocol scores clustering and they were not scored yet
 
 
-def log_normal_std(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the last dim."""
-    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-
-
-def log_normal_diag(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; mean, diag(exp(logvar))) summed over the last dim."""
-    return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+class IWEstimate(NamedTuple):
+    log_p: Tensor  # (B,) the IWAE estimate of log p(x)
+    elbo: Tensor  # (B,) the k-sample Monte Carlo ELBO, mean_i log w_i
+    kl: Tensor  # (B,) the k-sample estimate of KL(q(z|x) || p(z)), mean_i [log q(z_i|x) - log p(z_i)]
 
 
 def importance_weighted(log_px: Callable[[Tensor], Tensor], mean: Tensor, logvar: Tensor, k: int,
-                        per_chunk: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                        per_chunk: int, generator: torch.Generator | None = None,
+                        log_prior: Callable[[Tensor], Tensor] = log_normal_std) -> tuple[Tensor, Tensor]:
     """The IWAE estimate of log p(x) with k samples from q = N(mean, exp(logvar)), (B,), drawn
-    `per_chunk` at a time; `log_px(z)` maps z (n, B, K) to log p(x|z) (n, B).
+    `per_chunk` at a time; `log_px(z)` maps z (n, B, K) to log p(x|z) (n, B), `log_prior(z)` to
+    log p(z) (n, B) (default N(0, I)).
 
     Also returns the k-sample Monte Carlo ELBO, mean_i log w_i, (B,): from the same samples, so
     that nll_iw <= -elbo holds exactly (Jensen), not only in expectation."""
+    est = importance_weighted_estimate(log_px, mean, logvar, k, per_chunk, generator, log_prior)
+    return est.log_p, est.elbo
+
+
+def importance_weighted_estimate(log_px: Callable[[Tensor], Tensor], mean: Tensor, logvar: Tensor, k: int,
+                                 per_chunk: int, generator: torch.Generator | None = None,
+                                 log_prior: Callable[[Tensor], Tensor] = log_normal_std) -> IWEstimate:
+    """`importance_weighted` with the KL estimate from the same samples."""
     running = None  # (B,) logsumexp of the log-weights so far
     total = mean.new_zeros(mean.shape[0])  # (B,) sum of the log-weights
+    kl = mean.new_zeros(mean.shape[0])  # (B,) sum of log q - log p
     std = torch.exp(0.5 * logvar)
     for start in range(0, k, per_chunk):
         n = min(per_chunk, k - start)
         eps = torch.randn((n, *mean.shape), device=mean.device, dtype=mean.dtype, generator=generator)
         z = mean + std * eps  # (n, B, K)
-        log_w = log_px(z) + log_normal_std(z) - log_normal_diag(z, mean, logvar)  # (n, B)
+        log_ratio = log_normal_diag(z, mean, logvar) - log_prior(z)  # (n, B) log q(z|x) - log p(z)
+        log_w = log_px(z) - log_ratio  # (n, B)
         lse = torch.logsumexp(log_w, dim=0)
         running = lse if running is None else torch.logaddexp(running, lse)
         total += log_w.sum(0)
-    return running - math.log(k), total / k
+        kl += log_ratio.sum(0)
+    return IWEstimate(running - math.log(k), total / k, kl / k)
 
 
 def iw_nll(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: int = 50_000,
            generator: torch.Generator | None = None, posterior: Posterior | None = None) -> tuple[Tensor, Tensor]:
-    """-log p(x) (IWAE, k samples) and the k-sample ELBO per image, (B,) each. At most `chunk`
-    images are decoded at once, so memory stays bounded for any k and batch size. Pass the
-    `posterior` of x when the caller has already encoded it."""
+    """-log p(x) (IWAE, k samples) and the k-sample ELBO per image, (B,) each, under the model's
+    own prior. At most `chunk` images are decoded at once, so memory stays bounded for any k and
+    batch size. Pass the `posterior` of x when the caller has already encoded it."""
+    est = iw_estimate(model, x, settings, k, chunk, generator, posterior)
+    return -est.log_p, est.elbo
+
+
+def iw_estimate(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: int = 50_000,
+                generator: torch.Generator | None = None, posterior: Posterior | None = None) -> IWEstimate:
+    """The importance-weighted estimates of `iw_nll` (log p(x), ELBO, KL), (B,) each."""
     post = posterior if posterior is not None else model.encode(x)
     b = x.shape[0]
     log_sigma = log_sigma_of(model, settings, x)
@@ -102,8 +127,8 @@ def iw_nll(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, chunk: 
         target = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
         return -nll_fn(logits, target, log_sigma).flatten(1).sum(1).view(n, b)
 
-    log_p, elbo = importance_weighted(log_px, post.mean, post.logvar, k, max(1, chunk // b), generator)
-    return -log_p, elbo
+    return importance_weighted_estimate(log_px, post.mean, post.logvar, k, max(1, chunk // b), generator,
+                                        log_prior=model.log_prior)
 
 
 @torch.inference_mode()
@@ -136,9 +161,10 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
     k = protocol.k_for(device.type)
     c, h, w = test.shape
     num_pixels = c * h * w
-    sums = {"recon_mse": 0.0, "recon_bce": 0.0, "elbo": 0.0, "nll_iw": 0.0,
+    sums = {"recon_mse": 0.0, "recon_bce": 0.0, "elbo": 0.0, "nll_iw": 0.0, "kl": 0.0,
             "noisy_recon_mse": 0.0, "noisy_recon_bce": 0.0}
     kl_dims, means, n = None, [], 0
+    usage = None  # (num_codes,) how often each code was picked (discrete families)
     limit = protocol.max_test_samples
     for x, _ in test.iter_batches(batch_size):
         if limit is not None and n >= limit:
@@ -148,20 +174,27 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         post = model.encode(x)
         _recon_sums(sums, "", model.decode(post.mean), x, num_pixels)
         means.append(post.mean.float())
-        if settings.model == "dae":  # how well it denoises: reconstruct the clean x from noisy input
+        if post.codes is not None:
+            found = torch.bincount(post.codes.flatten(), minlength=model.num_codes)
+            usage = found if usage is None else usage + found
+        if model.denoising:  # how well it denoises: reconstruct the clean x from noisy input
             noisy = torch.clamp(x + model.noise * torch.randn(x.shape, device=device, generator=gen), 0.0, 1.0)
             _recon_sums(sums, "noisy_", model.decode(model.encode(noisy).mean), x, num_pixels)
         if model.stochastic:
-            kl = kl_per_dim(post.mean, post.logvar)  # (B, K)
-            kl_dims = kl.sum(0) if kl_dims is None else kl_dims + kl.sum(0)
-            nll, elbo = iw_nll(model, x, settings, k, protocol.iw_chunk, gen, posterior=post)
-            sums["nll_iw"] += nll.sum().item()
-            sums["elbo"] += elbo.sum().item()
+            est = iw_estimate(model, x, settings, k, protocol.iw_chunk, gen, posterior=post)
+            kl = model.kl_per_dim(post)  # (B, K), or None: no closed form under this prior
+            if kl is not None:
+                kl_dims = kl.sum(0) if kl_dims is None else kl_dims + kl.sum(0)
+            sums["kl"] += est.kl.sum().item()
+            sums["nll_iw"] -= est.log_p.sum().item()
+            sums["elbo"] += est.elbo.sum().item()
         n += x.shape[0]
 
     metrics = {"recon_mse": sums["recon_mse"] / n, "recon_bce": sums["recon_bce"] / n}
-    if settings.model == "dae":
+    if model.denoising:
         metrics.update(noisy_recon_mse=sums["noisy_recon_mse"] / n, noisy_recon_bce=sums["noisy_recon_bce"] / n)
+    if usage is not None:
+        metrics.update(codebook_metrics(usage))
     mu = torch.cat(means)  # (N, K)
     codes = None
     if protocol.clustering and train is not None and num_classes:
@@ -173,16 +206,28 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
             codes = None
     if not model.stochastic:
         return Evaluation(metrics=metrics, not_applicable=STOCHASTIC_ONLY, codes=codes)
-    per_dim = (kl_dims / n).tolist()
+    per_dim = (kl_dims / n).tolist() if kl_dims is not None else []
     metrics.update({
         "elbo": sums["elbo"] / n,
         "bpd": -(sums["elbo"] / n) / (num_pixels * math.log(2)),
         "nll_iw": sums["nll_iw"] / n,
         "nll_iw_k": float(k),
-        "kl": sum(per_dim),
+        "kl": sum(per_dim) if per_dim else sums["kl"] / n,
         "active_units": float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
     })
     return Evaluation(metrics=metrics, kl_per_dim=per_dim, codes=codes)
+
+
+def codebook_metrics(usage: Tensor) -> dict[str, float]:
+    """Codebook usage from the count of each code over the test split (num_codes,): the perplexity
+    exp(-sum_c p_c log p_c) (van den Oord et al. 2017's measure; num_codes when every code is used
+    equally, 1 when one code does everything), the number of dead codes (never used), and the share
+    of the codebook in use."""
+    p = usage.double() / usage.sum()
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    dead = int((usage == 0).sum())
+    return {"codebook_perplexity": float(entropy.exp()), "dead_codes": float(dead),
+            "codebook_usage": 1.0 - dead / len(usage)}
 
 
 def score_codes(codes: Codes, protocol: EvaluateSettings) -> dict[str, float]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # annotations only: the imports cost ~0.3 s
 FIGURES = (
     "learning_curves.png",
     "reconstructions.png",
-    "samples.png",  # stochastic families only: a deterministic AE has no prior to sample
+    "samples.png",  # generative families only (model.generative): an AE has no prior to sample
     "latent_scatter.png",
     "latent_grid.png",  # 2-dim latents only
     "interpolation.png",
@@ -46,6 +46,9 @@ INTERPOLATION_STEPS = 10
 GIF_MIN_SIZE = 160  # px: GIF frames are upscaled (nearest) to at least this height
 GIF_FRAME_MS = 120
 ENCODE_BATCH = 512
+PROJECTIONS = ("pca", "tsne")  # latent_scatter.png beyond 2 dims
+TSNE_POINTS = 1000  # t-SNE's subsample (seeded)
+TSNE_PERPLEXITY = 30.0
 
 # The mean of p(x|z) as an image, from the decoder's logits. Both likelihoods decode through a
 # sigmoid (the Gaussian's mean is squashed into [0, 1] too), so both show sigmoid(logits).
@@ -142,11 +145,14 @@ def reconstructions(x: Tensor, x_rec: Tensor, n: int = N_RECONSTRUCTIONS) -> Fig
     return fig
 
 
-def latent_scatter(z: np.ndarray, y: np.ndarray, seed: int = 0) -> Figure:
+def latent_scatter(z: np.ndarray, y: np.ndarray, seed: int = 0, projection: str = "pca") -> Figure:
     """Latent codes z (N, K) coloured by label y (N,). K = 2 is drawn directly, K > 2 projected on
-    its first two principal components (exact SVD: fast and deterministic), K = 1 against a small
-    seeded jitter. The title says which. Points are drawn in a seeded random order so no class is
-    painted over all the others."""
+    its first two principal components (exact SVD: fast and deterministic) or, with
+    projection="tsne", embedded by scikit-learn's t-SNE (on a seeded subsample of TSNE_POINTS, seeded
+    too), K = 1 against a small seeded jitter. The title says which. Points are drawn in a seeded
+    random order so no class is painted over all the others."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"unknown latent projection {projection!r}; allowed: {', '.join(PROJECTIONS)}")
     z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
     y = np.asarray(y).ravel()
     n, k = z.shape
@@ -156,6 +162,13 @@ def latent_scatter(z: np.ndarray, y: np.ndarray, seed: int = 0) -> Figure:
     elif k == 1:
         xy = np.column_stack([z[:, 0], rng.uniform(-0.5, 0.5, n)])
         labels, title = ("z1", "jitter"), "latent space (1 dim, jittered)"
+    elif projection == "tsne":
+        if n > TSNE_POINTS:  # t-SNE is quadratic in the points: a fixed seeded subsample
+            keep = np.sort(rng.choice(n, TSNE_POINTS, replace=False))
+            z, y, n = z[keep], y[keep], TSNE_POINTS
+        xy = tsne(z, seed)
+        labels = ("t-SNE 1", "t-SNE 2")
+        title = f"latent space (t-SNE of {k} dims, {n} points)"
     else:
         from sklearn.decomposition import PCA
 
@@ -195,6 +208,19 @@ def latent_scatter(z: np.ndarray, y: np.ndarray, seed: int = 0) -> Figure:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return fig
+
+
+def tsne(z: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, 2) t-SNE embedding of z (N, K) (van der Maaten & Hinton 2008, scikit-learn), seeded and
+    PCA-initialised: the same codes give the same picture."""
+    from sklearn.manifold import TSNE
+
+    n = len(z)
+    if n < 3:
+        return np.zeros((n, 2))
+    finite = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+    perplexity = min(TSNE_PERPLEXITY, (n - 1) / 3)  # scikit-learn needs perplexity < n
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(finite)
 
 
 def grid_latents(n: int, span: float = GRID_SPAN, *, device: torch.device | str = "cpu",
@@ -257,10 +283,12 @@ def draw_run_figures(
     likelihood: str = "bernoulli",
     seed: int = 0,
     max_points: int = 2000,
+    projection: str = "pca",
 ) -> list[Path]:
     """Draw the FIGURES of a trained `model` on `split` (the test split) into `out_dir` and return
     the paths written, in FIGURES order. Skipped: learning_curves.png without any recorded curve,
-    samples.png for deterministic families, latent_grid.png unless latent_dim == 2.
+    samples.png for families without a prior to sample, latent_grid.png unless latent_dim == 2.
+    `projection` (pca | tsne) draws the latent scatter of more than 2 dims.
 
     The model is put in eval mode (and given back in the mode it came in). Random draws (prior
     samples, the scatter subsample, dynamic binarization of the split) are seeded with `seed` under
@@ -294,7 +322,7 @@ def draw_run_figures(
             x = split.batch(torch.arange(min(N_RECONSTRUCTIONS, n), device=device))  # (8, C, H, W)
             save("reconstructions.png", reconstructions(x, decode(model.encode(x).mean)))
 
-            if model.stochastic:
+            if model.generative:
                 images = decode(model.sample_prior(N_SAMPLES))
                 save("samples.png", image_grid(images, 8, f"samples from the prior ({N_SAMPLES})"))
 
@@ -303,7 +331,7 @@ def draw_run_figures(
                 index = torch.randperm(n, device="cpu")[:max_points].sort().values.to(device)
             z = torch.cat([model.encode(split.batch(i)).mean.float().cpu()
                            for i in index.split(ENCODE_BATCH)])  # (P, K)
-            save("latent_scatter.png", latent_scatter(z.numpy(), split.y[index].cpu().numpy(), seed))
+            save("latent_scatter.png", latent_scatter(z.numpy(), split.y[index].cpu().numpy(), seed, projection))
 
             if model.latent_dim == 2:
                 grid = grid_latents(GRID_SIZE, GRID_SPAN, device=param.device, dtype=param.dtype)

@@ -20,6 +20,7 @@ which is how one call under `torch.func.vmap` trains every member of a packed gr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -69,6 +70,58 @@ def recon_nll(logits: Tensor, x: Tensor, likelihood: Likelihood, log_sigma: Tens
 def kl_per_dim(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) per latent dim, (B, K) (Kingma & Welling 2014, app. B)."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def log_normal_std(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the last dim."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+def log_normal_diag(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mean, diag(exp(logvar))) summed over the last dim."""
+    return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def tc_decomposition(z: Tensor, mean: Tensor, logvar: Tensor, log_pz: Tensor, dataset_size: Tensor | float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(mutual information, total correlation, dimension-wise KL) per sample, (B,) each, for
+    z (B, K) ~ q(z|x) of a batch with posteriors N(mean, exp(logvar)) (B, K) and log p(z) (B,),
+    by minibatch-weighted sampling (Chen et al. 2018, eq. S5). They sum to log q(z|x) - log p(z)."""
+    b = z.shape[0]
+    # log q(z_i | x_j) per dim, (B, B, K): sample i against the posterior of image j
+    pairs = -0.5 * ((z.unsqueeze(1) - mean.unsqueeze(0)).pow(2) * torch.exp(-logvar.unsqueeze(0))
+                    + logvar.unsqueeze(0) + LOG_2PI)
+    log_n = torch.log(dataset_size) if isinstance(dataset_size, Tensor) else math.log(dataset_size)
+    log_nm = log_n + math.log(b)
+    log_qz = torch.logsumexp(pairs.sum(2), dim=1) - log_nm  # (B,)
+    log_prod_qzj = (torch.logsumexp(pairs, dim=1) - log_nm).sum(1)  # (B,)
+    log_qz_x = log_normal_diag(z, mean, logvar)  # (B,)
+    return log_qz_x - log_qz, log_qz - log_prod_qzj, log_prod_qzj - log_pz
+
+
+def mmd_kernel(a: Tensor, b: Tensor, kernel: str, scales: Sequence[float]) -> Tensor:
+    """k(a_i, b_j), (n, m), for a (n, K) and b (m, K), summed over the scales s with C = 2 K s:
+    `imq` C / (C + |a - b|^2) (inverse multiquadratic), `rbf` exp(-|a - b|^2 / C) (Gaussian).
+    C = 2 K sigma^2 with the prior's sigma^2 = 1, several scales at once: Tolstikhin et al. 2018,
+    sec. 4 and their code."""
+    d2 = (a.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)  # (n, m); exact, unlike the |a|^2 - 2ab + |b|^2 form
+    k = a.shape[-1]
+    out = torch.zeros_like(d2)
+    for s in scales:
+        c = 2.0 * k * s
+        out = out + (c / (c + d2) if kernel == "imq" else torch.exp(-d2 / c))
+    return out
+
+
+def mmd(z: Tensor, prior_z: Tensor, kernel: str, scales: Sequence[float]) -> Tensor:
+    """The unbiased estimate of MMD^2 between the distributions of z (n, K) and prior_z (m, K) (Gretton
+    et al. 2012, eq. 3): the mean of k over pairs within each sample, diagonals left out, minus twice
+    the mean over pairs across. A scalar (0-dim); a single sample has no pairs within (they count 0)."""
+    n, m = z.shape[0], prior_z.shape[0]
+    kzz, kpp = mmd_kernel(z, z, kernel, scales), mmd_kernel(prior_z, prior_z, kernel, scales)
+    within_z = (kzz.sum() - kzz.diagonal().sum()) / max(n * (n - 1), 1)
+    within_p = (kpp.sum() - kpp.diagonal().sum()) / max(m * (m - 1), 1)
+    return within_z + within_p - 2.0 * mmd_kernel(z, prior_z, kernel, scales).mean()
 
 
 def reduction_scale(reduction: str, num_pixels: int) -> float:

@@ -3,7 +3,8 @@
 A cell's run key is a hash of its canonical resolved settings: the same cell gets the same key
 whatever the ordering or formatting of the YAML (4 vs 4.0, key order, defaults spelled out or
 not). `device` and `compile` are left out of the key: where and how a run trains does not change
-what it is.
+what it is. Settings added after keys were first written (KEY_OMITTED_AT_DEFAULT) count only where
+they differ from their default, so every run logged before they existed keeps its key.
 
 A matrix of more than MAX_CELLS cells is refused before anything is expanded; up to that, it
 expands at about 20 us a cell (benchmarks/bench_matrix.py): each combination of a group of axis
@@ -26,6 +27,10 @@ from pydantic import ValidationError
 from vaebench.config import Experiment, RunSettings
 
 KEY_EXCLUDES = {"device", "compile"}  # where and how a run executes, not what it is
+# Settings added after run keys were first written: in a key only when they differ from these
+# defaults (JSON mode), so that the runs logged before them keep their keys.
+KEY_OMITTED_AT_DEFAULT: dict[str, Any] = RunSettings.model_construct().model_dump(
+    mode="json", include={"lr_schedule", "val_fraction", "family_options", "prior"})
 # Beyond this a study is several studies: a sweep of 10^5 cells is already months of GPU time, and
 # the limit keeps `vaebench ls` of a runaway matrix (10 axes x 10 values) from eating the machine.
 MAX_CELLS = 100_000
@@ -87,14 +92,21 @@ def run_key(settings: RunSettings) -> str:
 
 def _key_of(dumped: dict[str, Any]) -> str:
     """The run key of settings dumped in JSON mode."""
-    canonical = json.dumps({k: v for k, v in dumped.items() if k not in KEY_EXCLUDES},
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps({k: v for k, v in dumped.items() if _in_key(k, v)}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _in_key(setting: str, value: Any) -> bool:
+    return setting not in KEY_EXCLUDES and not (
+        setting in KEY_OMITTED_AT_DEFAULT and value == KEY_OMITTED_AT_DEFAULT[setting])
 
 
 def _fragment(setting: str, value: Any) -> str:
     """`"setting":value` exactly as `_key_of`'s json.dumps writes it, so that a cell's canonical
-    text can be joined from fragments made once per axis value (sorted keys, no spaces)."""
+    text can be joined from fragments made once per axis value (sorted keys, no spaces); "" for a
+    setting the key leaves out."""
+    if not _in_key(setting, value):
+        return ""
     return json.dumps({setting: value}, sort_keys=True, separators=(",", ":"))[1:-1]
 
 
@@ -170,7 +182,7 @@ def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
     base_dump = base.model_dump(mode="json")
     base_flat = {f: flatten({f: v}) for f, v in base_dump.items()}  # setting -> its flattened entries
     base_text = {f: _fragment(f, v) for f, v in base_dump.items() if f not in KEY_EXCLUDES}
-    key_order = sorted(base_text)
+    key_order = sorted(base_text)  # fragments left out of the key are "" (skipped when joined)
     members = [groups[name] for name in groups]
     names = [axis for axis, _ in axes]
     # exclude rules as (setting, key, value): a key's value is looked up in its setting's entries
@@ -193,7 +205,7 @@ def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
             text.update(part.text)
         cell = {name: axes[i][1][j] for i, (name, j) in enumerate(zip(names, combo))}
         settings = base.model_copy(update=fields)
-        canonical = "{" + ",".join(text[f] for f in key_order) + "}"  # == _key_of(dumped)'s text
+        canonical = "{" + ",".join(t for f in key_order if (t := text[f])) + "}"  # == _key_of(dumped)'s text
         key = hashlib.sha256(canonical.encode()).hexdigest()[:12]
         out.append(RunSpec(settings=settings, axes=cell, key=key, name=run_name(settings, cell)))
     return out
@@ -234,8 +246,12 @@ def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
     try:
         settings = RunSettings.model_validate(raw)
     except ValidationError as e:
+        # an exclude rule may remove a cell that could not exist (prior.kind: vamp for an ae)
+        flat = flatten(raw)
+        if any(all(same_value(flat.get(k, raw.get(k)), want) for k, want in rule.items()) for rule in exclude):
+            return None
         err = e.errors()[0]
-        raise MatrixError(origin, f"the cell {axes} is invalid: {err['msg']}") from None
+        raise MatrixError(origin, f"the cell {axes} is invalid: {err['msg'].removeprefix('Value error, ')}") from None
     dumped = settings.model_dump(mode="json")
     if exclude:
         flat = flatten(dumped)
@@ -248,6 +264,12 @@ def setting_value(spec: RunSpec, key: str) -> Any:
     """The cell's resolved value of a setting name or dotted path."""
     dumped = spec.settings.model_dump(mode="json")
     return flatten(dumped).get(key, dumped.get(key))
+
+
+def matches(spec: RunSpec, where: dict[str, Any]) -> bool:
+    """Whether the cell has every `setting (or dotted path): value` of `where` (an exclude rule, a
+    reference's selection); an empty `where` matches every cell."""
+    return all(same_value(setting_value(spec, k), v) for k, v in where.items())
 
 
 def same_value(a: Any, b: Any) -> bool:

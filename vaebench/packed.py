@@ -6,9 +6,10 @@ preprocessing, family, architecture and its options, latent size, batch size, ep
 vaebench.plan). Their parameters, buffers (batch-norm statistics included) and optimiser state are
 stacked along a leading member axis, and one `torch.func.vmap` of the per-model step of
 vaebench.step trains them all. Everything else is each member's own: beta, reduction, likelihood,
-KL annealing, lr, weight decay, optimiser flavour, patience, noise factor and seed (its own
-initialisation, shuffling and noise streams). So a member trains exactly as it would alone, to
-float precision (tests/test_packed.py checks it against vaebench.train.train).
+KL annealing, lr and its schedule, weight decay, optimiser flavour, patience, noise factor, seed
+(its own initialisation, shuffling and noise streams) and its family's scalar options (buffers of
+the model, stacked with the rest; models.families). So a member trains exactly as it would alone,
+to float precision (tests/test_packed.py checks it against vaebench.train.train).
 
 Each member keeps its own `train.Record` (epochs, history, early stopping) and checkpoint, in the
 plain loop's format, so either engine resumes what the other started. Members may start at
@@ -41,8 +42,8 @@ from vaebench.data import Dataset
 from vaebench.losses import LikelihoodMix, effective_beta, reduction_scale
 from vaebench.models import AutoEncoder
 from vaebench.step import VAL_SEED, Noise, Streams, draw_noise, fixed_log_sigma, loss_and_sums
-from vaebench.train import (OPTIMIZERS, VAL_BATCH, Record, TrainingDiverged, TrainResult, build_for, epoch_metrics,
-                            kl_weights, num_batches, resolve_device, splits_for, val_metrics)
+from vaebench.train import (OPTIMIZERS, Record, TrainingDiverged, TrainResult, build_for, epoch_metrics, kl_weights,
+                            lr_at, num_batches, resolve_device, splits_for, val_batch, val_metrics)
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults, which the plain loop uses
 ADAM_EPS = 1e-8
@@ -163,7 +164,7 @@ class Pack:
     """The stacked state of the members still training, and their per-member constants."""
 
     def __init__(self, members: list[RunSettings], shape: tuple[int, int, int], device: torch.device,
-                 resumes: list[dict[str, Any] | None]):
+                 resumes: list[dict[str, Any] | None], n_train: int):
         from torch.func import stack_module_state
 
         models = []
@@ -171,6 +172,7 @@ class Pack:
         for i, (s, resume) in enumerate(zip(members, resumes)):
             torch.manual_seed(s.seed)  # the initialisation, exactly as the plain loop draws it
             model = build_for(s, shape)
+            model.set_dataset_size(n_train)
             template = OPTIMIZERS[s.optimizer](model.parameters(), lr=s.lr, weight_decay=s.weight_decay).state_dict()
             streams = Streams(s.seed, device)
             record = Record()
@@ -351,7 +353,7 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
     train_split, val_split = splits_for(first, data, device)
     shape = train_split.shape
     dynamic = train_split.binarization == "dynamic" and not train_split.binary
-    pack = Pack(members, shape, device, resumes)
+    pack = Pack(members, shape, device, resumes, len(train_split))
     wanted = resolve_compile(first.compile, device)
     how = {"vaebench.engine": "packed", "vaebench.pack.size": str(len(members))}
     if names:
@@ -387,6 +389,9 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
         epochs = [mb.record.epoch + 1 for mb in pack.members]
         weights = [kl_weights(mb.settings, e, n_batches) for mb, e in zip(pack.members, epochs)]
         table = torch.tensor(weights, device=device).T.contiguous()  # (n_batches + 1, M)
+        # each member's lr for this epoch, in place: a captured step reads this very tensor
+        pack.optimizer.lr.copy_(torch.tensor([lr_at(mb.settings, e) for mb, e in zip(pack.members, epochs)],
+                                             dtype=torch.float64))
         perm = torch.stack([mb.streams.permutation(n, device) for mb in pack.members])  # (M, N)
         sums.zero_()
         for b in range(n_batches):
@@ -452,9 +457,10 @@ def _build_steps(pack: Pack, split: DeviceSplit, batch: int, n: int, sums: Tenso
 
 
 @torch.no_grad()
-def _validate(pack: Pack, split: DeviceSplit, batch_size: int = VAL_BATCH) -> list[dict[str, float]]:
+def _validate(pack: Pack, split: DeviceSplit, batch_size: int | None = None) -> list[dict[str, float]]:
     """vaebench.train.validate for every member at once: the same batches and the same fixed-seed
     noise (shared by all members), each member's own objective at full KL weight."""
+    batch_size = batch_size or val_batch(pack.model)
     device = split.x.device
     generator = torch.Generator(device=device).manual_seed(VAL_SEED)
     dynamic = split.binarization == "dynamic" and not split.binary

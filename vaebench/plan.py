@@ -3,7 +3,10 @@ them one device trains at once.
 
 A unit is what one device trains at once: a pack of cells (vaebench.packed) or a single cell.
 Cells can share a step when they agree on everything that fixes its shapes and its data (the
-pack key); the settings in PER_MEMBER may differ, each member keeps its own. Packing is chosen
+pack key); the settings in PER_MEMBER may differ, each member keeps its own, and so may the family
+options each family lists in its `Options.PER_MEMBER` (scalar weights such as beta_tcvae's alpha,
+beta, gamma; the model holds them as buffers, stacked with the rest). Options that fix shapes or
+code paths (iwae's k, vq_vae's codebook size, a kernel) are shared. Packing is chosen
 per invocation (`--pack auto | off | N`): `auto` packs on CUDA, where it pays (one small model
 uses a fraction of a GPU), and not on the CPU (measured 0.88x there: vmap's overhead and no idle
 hardware to fill).
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from vaebench.data import Dataset
 
 # Settings each member of a pack keeps as its own (everything else must be equal).
-PER_MEMBER = ("beta", "reduction", "likelihood", "gaussian_sigma", "kl_anneal", "lr", "weight_decay",
+PER_MEMBER = ("beta", "reduction", "likelihood", "gaussian_sigma", "kl_anneal", "lr", "lr_schedule", "weight_decay",
               "optimizer", "seed", "noise", "patience")
 AUTO_MAX_MEMBERS = 32  # `--pack auto`: at most this many cells per unit (the memory bound may say fewer)
 MEMORY_FRACTION = 0.5  # of the device's free memory, for the members of one unit (estimated per member)
@@ -33,7 +36,12 @@ MEMORY_FRACTION = 0.5  # of the device's free memory, for the members of one uni
 
 def pack_key(settings: RunSettings) -> str:
     """Equal for cells that can be trained as one stacked model."""
+    from vaebench.models import FAMILIES
+
     shared = settings.model_dump(mode="json", exclude=set(PER_MEMBER))
+    own = FAMILIES[settings.model].Options.PER_MEMBER
+    shared["family_options"] = {m: {k: v for k, v in o.items() if k not in own}
+                                for m, o in shared["family_options"].items()}
     # a learned Gaussian sigma is a parameter of the model: part of its shape
     shared["learned_sigma"] = settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned"
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]

@@ -167,14 +167,15 @@ def _log_figures(job: Job, tracker: tracking.Tracker, model: AutoEncoder | None,
     data = data if data is not None else _dataset(job.exp, s)
     test = to_device(data.test, next(model.parameters()).device, image_size=s.image_size, binarization=s.binarization)
     with tempfile.TemporaryDirectory() as tmp:
-        draw_run_figures(model, test, job.history, tmp, likelihood=s.likelihood)
+        draw_run_figures(model, test, job.history, tmp, likelihood=s.likelihood,
+                         projection=job.exp.evaluate.latent_projection)
         tracker.client.log_artifacts(job.run_id, tmp, "figures")
 
 
 def _dataset(exp: Experiment, s: RunSettings) -> Dataset:
-    from vaebench.data import load_dataset
+    from vaebench.train import dataset_for
 
-    return load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+    return dataset_for(s, exp.resolved_data_dir())
 
 
 # --- the raw-pixel baseline ------------------------------------------------------------------------
@@ -185,6 +186,8 @@ def baseline_key(s: RunSettings, protocol: EvaluateSettings) -> str:
             "binarization": s.binarization,
             "protocol": protocol.model_dump(include={"max_test_samples", "probe_train_samples",
                                                      "silhouette_samples", "knn_neighbors", "kmeans_restarts"})}
+    if s.val_fraction != RunSettings.model_fields["val_fraction"].default:  # the probes fit on the train split
+        what["val_fraction"] = s.val_fraction  # (only when set: the cached baselines keep their names)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -65,7 +66,16 @@ class TrainResult:
 def build_for(settings: RunSettings, shape: tuple[int, int, int]) -> AutoEncoder:
     return build_model(settings.model, settings.arch, in_shape=shape, latent_dim=settings.latent_dim,
                        arch_options=settings.arch_config, noise=settings.noise,
-                       learn_sigma=settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned")
+                       learn_sigma=settings.likelihood == "gaussian" and settings.gaussian_sigma == "learned",
+                       family_options=settings.family_config, prior=settings.prior.kind,
+                       pseudo_inputs=settings.prior.pseudo_inputs)
+
+
+def dataset_for(settings: RunSettings, data_dir: str | os.PathLike) -> Dataset:
+    """The dataset a run trains on, with its validation split (`val_fraction`) carved out."""
+    from vaebench.data import load_dataset
+
+    return load_dataset(settings.dataset, data_dir, val_fraction=settings.val_fraction, options=settings.data_config)
 
 
 def splits_for(settings: RunSettings, data: Dataset, device: torch.device) -> tuple[DeviceSplit, DeviceSplit]:
@@ -122,6 +132,23 @@ class Record:
         return best
 
 
+def lr_at(settings: RunSettings, epoch: int) -> float:
+    """The learning rate of `epoch` under the run's lr_schedule (config.LRSchedule): a function of
+    the epoch alone, set at the start of each epoch by both trainers, so resuming needs no state."""
+    sched = settings.lr_schedule
+    if sched.kind == "step":
+        return settings.lr * sched.gamma ** (epoch // sched.step_size)
+    if sched.kind == "cosine":
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
+    if sched.kind == "geometric":  # stage i covers epochs [(g^i - 1) / (g - 1), (g^(i+1) - 1) / (g - 1))
+        stage, end, length = 0, sched.growth ** 0, 1
+        while epoch >= end:
+            stage, length = stage + 1, length * sched.growth
+            end += length
+        return settings.lr * sched.gamma ** stage
+    return settings.lr
+
+
 def kl_weights(settings: RunSettings, epoch: int, n_batches: int) -> list[float]:
     """The KL annealing factor at each step of `epoch`, then at its end (n_batches + 1 values)."""
     a = settings.kl_anneal
@@ -138,7 +165,8 @@ def epoch_metrics(sums: list[float], n: int, end_weight: float, eff_beta: float,
         raise TrainingDiverged(f"training loss is not finite at epoch {epoch} ({loss}); "
                                f"try a smaller lr than {settings.lr}")
     return {"train/loss": loss, "train/recon": recon, "train/kl": kl,
-            "train/kl_weight": end_weight, "train/effective_beta": eff_beta * end_weight}
+            "train/kl_weight": end_weight, "train/effective_beta": eff_beta * end_weight,
+            "train/lr": lr_at(settings, epoch)}
 
 
 def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None = None,
@@ -154,6 +182,7 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     streams = Streams(settings.seed, device)
     train_split, val_split = splits_for(settings, data, device)
     model = build_for(settings, train_split.shape).to(device)
+    model.set_dataset_size(len(train_split))
     optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr,
                                                weight_decay=settings.weight_decay)
     shape = train_split.shape
@@ -182,6 +211,8 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
         model.train()
         sums = torch.zeros(3, device=device)  # loss, recon, kl summed over samples
         weights = kl_weights(settings, epoch, n_batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, epoch)
         perm = streams.permutation(n, device)
         for b in range(n_batches):
             if should_stop is not None and should_stop():
@@ -220,9 +251,10 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
 
 @torch.no_grad()
 def validate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
-             batch_size: int = VAL_BATCH) -> dict[str, float]:
+             batch_size: int | None = None) -> dict[str, float]:
     """The run's own objective at full KL weight on the validation split, plus -ELBO for VAEs.
     Its noise comes from a fixed-seed generator: every epoch and every run see the same draws."""
+    batch_size = batch_size or val_batch(model)
     model.eval()
     device = split.x.device
     generator = torch.Generator(device=device).manual_seed(VAL_SEED)
@@ -238,6 +270,11 @@ def validate(model: AutoEncoder, split: DeviceSplit, settings: RunSettings,
                                       kl_coef=settings.beta, log_sigma=log_sigma)
         sums += batch_sums
     return val_metrics(sums.tolist(), len(split), model.stochastic)
+
+
+def val_batch(model: AutoEncoder) -> int:
+    """Images per validation batch: VAL_BATCH decoded images (iwae decodes k per image)."""
+    return max(1, VAL_BATCH // model.samples_per_image)
 
 
 def val_metrics(sums: list[float], n: int, stochastic: bool) -> dict[str, float]:

@@ -58,7 +58,7 @@ def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: 
              should_stop: Callable[[], bool] | None = None) -> list[CellResult]:
     """Train the cells of `unit` (a list of `Cell`s); trained cells go to `evaluator`, and the cells
     that failed before that are returned."""
-    from vaebench.data import load_dataset
+    from vaebench.train import dataset_for
 
     started = time.perf_counter()
     failed: list[CellResult] = []
@@ -80,7 +80,7 @@ def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: 
         return failed
     s = opened[0].spec.settings
     try:
-        data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+        data = dataset_for(s, exp.resolved_data_dir())
         for o in opened:
             if o.resume is None:
                 background.submit(tracking.set_tags, tracker, o.run_id, {tracking.TAG_SOURCE: data.source})

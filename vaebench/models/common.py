@@ -1,6 +1,7 @@
 """Pieces shared by the architectures: the activation registry and the `Arch` record."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Literal, get_args
 
 from pydantic import BaseModel
@@ -8,11 +9,12 @@ from torch import nn
 
 Shape = tuple[int, int, int]  # (C, H, W)
 
-Activation = Literal["relu", "leaky_relu", "elu", "gelu", "tanh"]
+Activation = Literal["relu", "leaky_relu", "leaky_relu_0.2", "elu", "gelu", "tanh"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,  # torch's default slope 0.01
+    "leaky_relu_0.2": partial(nn.LeakyReLU, 0.2),  # the slope of DCGAN and of most VAE recipes
     "elu": nn.ELU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,

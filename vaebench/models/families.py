@@ -1,5 +1,6 @@
 """Model families: how an encoder's features become a latent, what the trainer corrupts, and the
-per-sample training objective.
+per-sample training objective. This module holds the base class and the three first families
+(`ae`, `vae`, `dae`); every other family has its own module and one line in models.build.FAMILIES.
 
 Every family is encoder (B, C, H, W) -> (B, F) -> linear head(s) -> (B, K) -> decoder -> (B, C, H, W)
 logits. The trainer calls `model(model.corrupt(x, noise), eps)` and scores the output with
@@ -10,29 +11,49 @@ Randomness is an input, not a side effect: the trainer draws the standard-normal
 passes them in. That is what lets a packed group of runs (vaebench.packed) draw, for each member,
 exactly the numbers that member would draw alone. Called without them (evaluation, figures), the
 families draw from torch's global generator.
+
+What a family may do, so that a packed group can run it under `torch.func.vmap`: no `.item()`, no
+Python branching on tensor values, in-place updates on buffers only. Its scalar options that
+members of a pack may differ in (`Options.PER_MEMBER`) are registered as buffers (`option_buffers`):
+stacked with the rest, each member computes with its own.
+
+A family's settings are a pydantic `Options` model (`family_options.<name>` in the run settings);
+its prior p(z) is `model.prior` (vaebench.models.priors), read by the evaluation through
+`log_prior` so that `elbo` and `nll_iw` use each model's own prior.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from vaebench.losses import LossTerms, Likelihood, weighted_objective
+from vaebench.losses import LossTerms, Likelihood, recon_nll, weighted_objective
 from vaebench.models.common import Shape
+from vaebench.models.priors import PRIORS
 
 
 @dataclass
 class Posterior:
-    mean: Tensor  # (B, K)
+    mean: Tensor  # (B, K) the code of x: posterior mean (vq_vae: the quantised code)
     logvar: Tensor | None  # (B, K) for stochastic families, None for deterministic ones
+    codes: Tensor | None = None  # (B, M) int64 codebook indices of discrete families (vq_vae), else None
 
 
 @dataclass
 class Output:
-    logits: Tensor  # (B, C, H, W) unconstrained; the likelihood applies the sigmoid
-    z: Tensor  # (B, K) the latent actually decoded
+    logits: Tensor  # (B, C, H, W) unconstrained (iwae: (k, B, C, H, W)); the likelihood applies the sigmoid
+    z: Tensor  # (B, K) the latent actually decoded (iwae: (k, B, K))
     posterior: Posterior
+    extras: dict[str, Tensor] = field(default_factory=dict)  # what a family's `terms` needs besides
+
+
+class NoOptions(BaseModel):
+    """A family without settings of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    PER_MEMBER: ClassVar[tuple[str, ...]] = ()  # options members of a packed group may differ in
 
 
 class AutoEncoder(nn.Module):
@@ -40,10 +61,21 @@ class AutoEncoder(nn.Module):
 
     `noise` is accepted by every family so one call signature builds them all, but only `dae`
     uses it. `log_sigma` is the scalar learned log std-dev of a Gaussian likelihood, or None.
+    `options` are the family's own settings (an `Options` instance or a dict it validates);
+    `prior` names a PRIORS entry the family supports (`priors`).
     """
 
     stochastic: ClassVar[bool] = False  # has a posterior to sample (and an ELBO)
     denoising: ClassVar[bool] = False  # corrupts its training inputs with Gaussian noise
+    generative: ClassVar[bool] = False  # has a prior worth sampling from (figures: samples.png)
+    Options: ClassVar[type[BaseModel]] = NoOptions  # its `family_options.<name>` block
+    priors: ClassVar[tuple[str, ...]] = ("standard",)  # the `prior.kind`s it supports
+    num_codes: int | None = None  # the codebook size of discrete families (Posterior.codes index it)
+
+    @property
+    def samples_per_image(self) -> int:
+        """Images `forward` decodes per input image (iwae: k); bounds the validation batch."""
+        return 1
 
     def __init__(
         self,
@@ -54,18 +86,35 @@ class AutoEncoder(nn.Module):
         latent_dim: int,
         noise: float = 0.0,
         learn_sigma: bool = False,
+        options: BaseModel | dict | None = None,
+        prior: str = "standard",
+        pseudo_inputs: int = 500,
     ) -> None:
         super().__init__()
         if not noise >= 0:  # also rejects NaN
             raise ValueError(f"noise must be >= 0, got {noise}")
+        if prior not in self.priors:
+            raise ValueError(f"{type(self).__name__} has no {prior!r} prior; allowed: {', '.join(self.priors)}")
         self.in_shape = tuple(in_shape)
         self.latent_dim = latent_dim
         self.noise = float(noise)
+        self.options = options if isinstance(options, self.Options) else self.Options.model_validate(options or {})
+        self.check(latent_dim, self.options)
         self.encoder = encoder
         self.decoder = decoder
         self.to_mean = nn.Linear(encoder.out_features, latent_dim)
         # registered either way, so `model.log_sigma` is None (and absent from state_dict) when not learned
         self.register_parameter("log_sigma", nn.Parameter(torch.zeros(())) if learn_sigma else None)
+        self.prior = PRIORS[prior](self.in_shape, pseudo_inputs) if prior == "vamp" else PRIORS[prior]()
+        for name in self.Options.PER_MEMBER:
+            self.register_buffer(name, torch.tensor(float(getattr(self.options, name))), persistent=False)
+
+    @classmethod
+    def check(cls, latent_dim: int, options: BaseModel) -> None:
+        """Raise ValueError when the options do not fit this latent size (config validation calls it too)."""
+
+    def set_dataset_size(self, n: int) -> None:
+        """Told the number of training images before training (beta_tcvae's estimator needs it)."""
 
     def encode(self, x: Tensor) -> Posterior:
         return Posterior(self.to_mean(self.encoder(x)), None)  # x (B, C, H, W) in [0, 1] -> (B, K)
@@ -100,9 +149,21 @@ class AutoEncoder(nn.Module):
                                   recon_scale=recon_scale, kl_coef=kl_coef, log_sigma=log_sigma)
 
     def sample_prior(self, n: int) -> Tensor:
-        """z ~ N(0, I), (n, K), on the model's device and dtype."""
-        w = self.to_mean.weight
-        return torch.randn(n, self.latent_dim, device=w.device, dtype=w.dtype)
+        """z ~ p(z), (n, K), on the model's device and dtype."""
+        return self.prior.sample(n, self)
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        """log p(z) under the model's own prior, summed over the last dim: (..., K) -> (...)."""
+        return self.prior.log_prob(z, self)
+
+    def kl(self, posterior: Posterior, z: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)) per sample (B,): closed form where the prior allows, else the
+        single-sample estimate log q(z|x) - log p(z) at z (stochastic families only)."""
+        return self.prior.kl(posterior, z, self)
+
+    def kl_per_dim(self, posterior: Posterior) -> Tensor | None:
+        """KL per latent dim (B, K) in closed form, or None where the prior does not factorise."""
+        return self.prior.kl_per_dim(posterior)
 
 
 class AE(AutoEncoder):
@@ -113,9 +174,12 @@ class VAE(AutoEncoder):
     """Gaussian posterior N(mean, exp(logvar)), standard normal prior, reparameterised sampling.
 
     forward always samples, in train and eval mode alike; use `encode(x).mean` for a deterministic code.
+    Takes the VampPrior too (`prior.kind: vamp`).
     """
 
     stochastic: ClassVar[bool] = True
+    generative: ClassVar[bool] = True
+    priors: ClassVar[tuple[str, ...]] = ("standard", "vamp")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)
@@ -131,6 +195,14 @@ class VAE(AutoEncoder):
     def latent(self, posterior: Posterior, eps: Tensor | None = None) -> Tensor:
         eps = torch.randn_like(posterior.mean) if eps is None else eps  # (B, K)
         return posterior.mean + torch.exp(0.5 * posterior.logvar) * eps
+
+    def terms(self, out: Output, x: Tensor, *, likelihood: Likelihood, recon_scale: float | Tensor,
+              kl_coef: float | Tensor, log_sigma: Tensor | None = None) -> LossTerms:
+        """recon * recon_scale + kl_coef * KL(q(z|x) || p(z)) per sample, under the model's prior
+        (Kingma & Welling 2014); with the standard prior exactly losses.weighted_objective."""
+        recon = recon_nll(out.logits, x, likelihood, log_sigma)  # (B,)
+        kl = self.kl(out.posterior, out.z)  # (B,)
+        return LossTerms(loss=recon * recon_scale + kl_coef * kl, recon=recon, kl=kl)
 
 
 class DAE(AutoEncoder):
@@ -151,9 +223,3 @@ class DAE(AutoEncoder):
     def extra_repr(self) -> str:
         return f"noise={self.noise}"
 
-
-FAMILIES: dict[str, type[AutoEncoder]] = {
-    "ae": AE,
-    "vae": VAE,
-    "dae": DAE,
-}

@@ -89,6 +89,7 @@ class ReportData:
     started: float | None            # first run start (unix seconds)
     ended: float | None              # last run end
     generated: float = field(default_factory=time.time)
+    references: pd.DataFrame | None = None  # the file's `reference:` entries beside our numbers (references())
 
     @property
     def seeds(self) -> int:
@@ -155,7 +156,55 @@ def collect(exp: Experiment, *, images: bool = True) -> ReportData:
                  sorted(by_kind.get("study", []), key=lambda r: r.info.start_time or 0)],
         not_run=sum(key not in logged_keys for key in specs),
         superseded_failures=superseded, outside_file=outside,
-        started=min(starts) / 1000 if starts else None, ended=max(ends) / 1000 if ends else None)
+        started=min(starts) / 1000 if starts else None, ended=max(ends) / 1000 if ends else None,
+        references=references(exp, runs_df, specs))
+
+
+REFERENCE_COLUMNS = ("reference", "metric", "source", "where", "run_name", "run_id", "ours", "published",
+                     "difference", "tolerance", "status")
+
+
+def references(exp: Experiment, runs: pd.DataFrame, specs: dict[str, Any]) -> pd.DataFrame:
+    """One row per `reference:` entry and finished run it selects: our value, the published one,
+    the difference (ours - published) and a status: within / beyond the tolerance, no tolerance,
+    not measured (the run has no such metric). An entry selecting several runs gets one more row,
+    the mean over them (`run_name` "mean of N runs"); one whose cells have no finished run yet, a
+    row saying so."""
+    import math
+
+    import pandas as pd
+
+    from vaebench.matrix import matches
+
+    def status(ours: float | None, ref: Any) -> str:
+        if ours is None or math.isnan(ours):
+            return "not measured"
+        if ref.tolerance is None:
+            return "no tolerance"
+        return "within" if abs(ours - ref.value) <= ref.tolerance else "beyond"
+
+    rows = []
+    for i, ref in enumerate(exp.reference):
+        where = ", ".join(f"{k}={v}" for k, v in ref.where.items()) or "every cell"
+        base = {"reference": i, "metric": ref.metric, "source": ref.source, "where": where,
+                "published": ref.value, "tolerance": ref.tolerance}
+        chosen = runs[[key in specs and matches(specs[key], ref.where) for key in runs["run_key"]]] \
+            if len(runs) else runs
+        values = []
+        for _, run in chosen.iterrows():
+            ours = run.get(ref.metric)
+            ours = None if ours is None or pd.isna(ours) else float(ours)
+            values += [ours] if ours is not None else []
+            rows.append({**base, "run_name": run["run_name"], "run_id": run["run_id"], "ours": ours,
+                         "difference": None if ours is None else ours - ref.value, "status": status(ours, ref)})
+        if len(chosen) > 1:
+            mean = sum(values) / len(values) if values else None
+            rows.append({**base, "run_name": f"mean of {len(values)} runs", "run_id": None, "ours": mean,
+                         "difference": None if mean is None else mean - ref.value, "status": status(mean, ref)})
+        elif not len(chosen):
+            rows.append({**base, "run_name": None, "run_id": None, "ours": None, "difference": None,
+                         "status": "not run yet"})
+    return pd.DataFrame(rows, columns=list(REFERENCE_COLUMNS))
 
 
 def public_uri(uri: str, drop_user: bool = False) -> str:

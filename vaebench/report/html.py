@@ -51,6 +51,9 @@ METRIC_COLUMNS = (
     Column("test/silhouette", "silhouette", "{:.3f}", +1, "silhouette score of the labels in latent space"),
     Column("test/knn_acc", "kNN acc", "{:.3f}", +1, "k-nearest-neighbour accuracy (train latents -> test latents)"),
     Column("test/probe_acc", "probe acc", "{:.3f}", +1, "logistic-regression probe accuracy (train latents -> test latents)"),
+    Column("test/codebook_perplexity", "codebook perplexity", "{:.1f}", 0,
+           "vq_vae: exp(entropy) of the code usage on the test split (the codebook size if all are used equally)"),
+    Column("test/dead_codes", "dead codes", "{:.0f}", 0, "vq_vae: codebook entries never used on the test split"),
     Column("train/seconds", "train time", "{:.1f}s", 0, "training time, seconds"),
 )
 EFFECTIVE_BETA = Column("effective_beta", "eff. beta", "{:g}", 0, "KL weight of the equivalent sum-reduction objective")
@@ -93,6 +96,7 @@ def render(data: ReportData, figures: list[ReportFigure], study_figures: list[li
     columns = table_columns(data.runs)
     sections = [
         ("results", "Results", results_section(data, columns, csv_text)),
+        ("references", "Published numbers", references_section(data)),
         ("seeds", "Mean and spread over seeds", seeds_section(data)),
         ("failed", "Failed runs", failed_section(data)),
         ("figures", "Comparisons", figures_section(figures)),
@@ -288,6 +292,39 @@ def best_cells(runs: pd.DataFrame, columns: list[Column]) -> set[tuple[Any, str]
     return out
 
 
+def references_section(data: ReportData) -> str:
+    """The file's `reference:` entries beside our numbers, flagged where they are beyond tolerance."""
+    refs = data.references
+    if refs is None or refs.empty:
+        return ""
+    fmt = "{:.4g}"
+    head = ["<th>metric</th>", "<th>cells</th>", "<th>run</th>", '<th class="num">ours</th>',
+            '<th class="num">published</th>', '<th class="num">difference</th>', '<th class="num">tolerance</th>',
+            "<th>status</th>", "<th>source</th>"]
+    rows = []
+    for _, r in refs.iterrows():
+        run_id = r["run_id"] if isinstance(r["run_id"], str) else None
+        link = data.run_link(run_id) if run_id else None
+        name = "–" if is_missing(r["run_name"]) else str(r["run_name"])
+        run = f'<a href="{e(link)}">{e(name)}</a>' if link else e(name)
+        flagged = r["status"] == "beyond"
+        cells = [f'<td data-v="{e(r["metric"])}">{e(METRIC_LABELS.get(r["metric"], r["metric"]))}</td>',
+                 f'<td data-v="{e(r["where"])}">{e(r["where"])}</td>', f'<td data-v="{e(name)}">{run}</td>',
+                 _num_cell(r["ours"], fmt), _num_cell(r["published"], fmt),
+                 _num_cell(r["difference"], "{:+.4g}"), _num_cell(r["tolerance"], "±{:.4g}"),
+                 f'<td class="{"error" if flagged else ""}" data-v="{e(r["status"])}">'
+                 f'{"⚠ " if flagged else ""}{e(r["status"])}</td>',
+                 f'<td class="source" data-v="{e(r["source"])}">{e(r["source"])}</td>']
+        rows.append(f'<tr class="{"beyond" if flagged else ""}">' + "".join(cells) + "</tr>")
+    compared = refs[refs["status"].isin(["within", "beyond"])]
+    beyond = int((compared["status"] == "beyond").sum())
+    note = (f'<p class="small">The published numbers the experiments file names (<code>reference:</code>), '
+            f"beside ours: difference = ours − published. {beyond} of {len(compared)} compared values "
+            "are beyond their stated tolerance (⚠). A selection of several runs (seeds) also gets the "
+            "mean over them.</p>")
+    return note + _table("references-table", head, rows)
+
+
 def seeds_section(data: ReportData) -> str:
     runs = data.runs
     if runs.empty or "seed" not in runs or runs["seed"].nunique() < 2:
@@ -458,7 +495,8 @@ def gallery_section(data: ReportData) -> str:
     picker = (f'<label>side by side: <select id="gallery-axis">{options}</select></label> '
               "(runs in one row differ only in this axis)") if axes else ""
     return (f'<p class="small">Per run: test images with their reconstructions, samples from the prior '
-            f'(VAEs), and the latent means coloured by label (PCA beyond 2 dims). {picker}</p>'
+            f'(VAEs), and the latent means coloured by label (PCA or t-SNE beyond 2 dims, as its title '
+            f'says). {picker}</p>'
             f'<div id="gallery-grid" data-axes="{e(json.dumps(axes))}">' + "\n".join(rows) + "</div>")
 
 
@@ -508,6 +546,9 @@ table.sortable tbody tr:hover { background: #f1f4fb; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.best, span.best { background: var(--best); font-weight: 600; }
 td.error { white-space: normal; min-width: 300px; color: #9b1c1c; }
+tr.beyond td { background: #fde8e8; }
+#references-table td.error { min-width: 0; font-weight: 600; }
+td.source { white-space: normal; min-width: 240px; }
 p.error { color: #9b1c1c; }
 p.skipped { color: var(--muted); font-style: italic; }
 figure.plot { margin: 0 0 24px; }

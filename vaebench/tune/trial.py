@@ -86,12 +86,12 @@ class Objective:
         import optuna
 
         from vaebench import tracking
-        from vaebench.data import load_dataset
         from vaebench.packed import train_one
         from vaebench.results import log_trained
+        from vaebench.train import dataset_for
 
         plan, tracker, s = self.plan, self.tracker, spec.settings
-        data = load_dataset(s.dataset, plan.exp.resolved_data_dir(), options=s.data_config)
+        data = dataset_for(s, plan.exp.resolved_data_dir())
         tracking.log_params(tracker, run_id, spec.params())
         tracking.set_tags(tracker, run_id, {tracking.TAG_SOURCE: data.source})
         tracking.log_json(tracker, run_id, "config/trial.json", {
