@@ -231,3 +231,18 @@ def test_packed_members_match_the_plain_loop_on_cuda(digits) -> None:
     assert packed[0].how["vaebench.step"] == "cuda-graph"
     for a, p in zip(alone, packed):
         assert_same_training(a, p)
+
+
+@cuda
+@pytest.mark.parametrize("family", [*FAMILY_MEMBERS, "vamp"])
+def test_every_family_captures_its_packed_step_on_cuda(digits, family: str) -> None:
+    model = family.split("+")[0] if family != "vamp" else "vae"
+    options = FAMILY_MEMBERS.get(family, [{}] * 2)[:2]
+    extra = dict(prior={"kind": "vamp", "pseudo_inputs": 10}) if family == "vamp" else {}
+    members = [cell(device="cuda", model=model, epochs=2, seed=i, beta=0.5 + i, family_options={model: o}, **extra)
+               for i, o in enumerate(options)]
+    graphs = train_packed([m.model_copy(update={"compile": "graphs"}) for m in members], digits, progress=False)
+    eager = train_packed([m.model_copy(update={"compile": "off"}) for m in members], digits, progress=False)
+    assert graphs[0].how["vaebench.step"] == "cuda-graph", graphs[0].how.get("vaebench.step.fallback")
+    for g, e in zip(graphs, eager):
+        assert_same_training(e, g, rtol=1e-4, atol=1e-5, weights_rtol=1e-3)
