@@ -285,8 +285,28 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a message, not a traceback (VAEBENCH_DEBUG=1 shows it)
         if os.environ.get("VAEBENCH_DEBUG"):
             raise
-        _err(f"error: {type(e).__name__}: {e}")
+        _err(f"error: {_one_line(e)}")
         return EXIT_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    """An unexpected error in one line; a store that is read-only or full says so in words."""
+    from vaebench.tracking import first_line
+
+    text = str(e)
+    for needle, words in STORE_ERRORS.items():
+        if needle in text:
+            return f"{words} ({type(e).__name__}: {first_line(e, 200)})"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+STORE_ERRORS = {  # SQLite's words -> ours
+    "attempt to write a readonly database": "the tracking store is read-only; make it writable or point "
+                                            "tracking_uri / MLFLOW_TRACKING_URI at one that is",
+    "database or disk is full": "the disk of the tracking store is full; free some space and run again "
+                                "(finished cells are kept, the others resume)",
+    "unable to open database file": "the tracking store cannot be opened (a missing folder, or no permission)",
+}
 
 
 def entrypoint() -> None:
