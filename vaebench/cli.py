@@ -87,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # tqdm.write keeps the per-cell lines above the progress bars instead of through them
         summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs, pack=args.pack,
                                  eval_workers=args.eval_workers, progress=not args.no_progress,
-                                 echo=tqdm.write, should_stop=should_stop)
+                                 echo=tqdm.write, should_stop=should_stop, retry_failed=args.retry_failed,
+                                 fail_fast=args.fail_fast)
     for line in summary.lines():
         print(line)
     if not args.no_report:
@@ -230,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
     run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="train afresh, in a new run, the cells whose last attempt failed for a reason that "
+                          "repeats (diverged, bad settings, an error); by default they are reported, not retried. "
+                          "Interrupted attempts and failures of the store, disk or memory always resume")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop the sweep at the first cell that fails (running cells end KILLED and resume "
+                          "on the next run; exit code 1)")
     run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                      help="N worker processes, each training its own units (CPU machines: threads split "
                           "between them; several GPUs: one per GPU). Default 1: this process")

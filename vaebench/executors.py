@@ -7,13 +7,16 @@ units go in, results stream back as cells finish, whatever runs them.
   machine each gets its share of the threads; with several GPUs each gets its own
   (CUDA_VISIBLE_DEVICES). A worker trains and evaluates its units in place.
 
-Both record every run in the tracking store the same way (vaebench.units); a third executor (a
-cluster scheduler) only has to run `run_unit` somewhere and send back its results.
+Both record every run in the tracking store the same way (vaebench.units), claims included; a
+third executor (a cluster scheduler) only has to run `run_unit` somewhere and send back its
+results. `stop()` asks an executor to start no further unit and to stop the running ones at their
+next batch (their runs end KILLED, resumable): what `--fail-fast` uses.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 from vaebench import tracking
@@ -30,14 +33,21 @@ class LocalExecutor:
         self.exp, self.tracker, self.parent_id = exp, tracker, parent_id
         self.evaluator, self.background = evaluator, background
         self.progress, self.should_stop = progress, should_stop
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or (self.should_stop is not None and self.should_stop())
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         for unit in units:
-            if self.should_stop is not None and self.should_stop():
+            if self._stopping():
                 raise KeyboardInterrupt("stop requested")
             yield from self.evaluator.ready()
             yield from run_unit(self.exp, unit, self.tracker, self.parent_id, self.evaluator, self.background,
-                                progress=self.progress, should_stop=self.should_stop)
+                                progress=self.progress, should_stop=self._stopping)
             yield from self.evaluator.ready()
         yield from self.evaluator.drain()
 
@@ -45,6 +55,11 @@ class LocalExecutor:
 class PoolExecutor:
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0):
         self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
+        self._stop: Any = None  # a multiprocessing Event the workers share
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         import multiprocessing
@@ -56,8 +71,9 @@ class PoolExecutor:
         for i in range(self.jobs):
             gpu_ids.put(i % self.gpus if self.gpus else None)
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        self._stop = ctx.Event()
         with ProcessPoolExecutor(max_workers=min(self.jobs, len(units)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(threads, gpu_ids)) as pool:
+                                 initializer=_init_worker, initargs=(threads, gpu_ids, self._stop)) as pool:
             futures = [pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id)
                        for unit in units]
             try:
@@ -71,9 +87,8 @@ class PoolExecutor:
 _WORKER: dict[str, Any] = {}  # per worker process: its stop flag and tracker, reused across units
 
 
-def _init_worker(threads: int, gpu_ids: Any) -> None:
+def _init_worker(threads: int, gpu_ids: Any, stop: Any) -> None:
     import signal
-    import threading
 
     gpu = gpu_ids.get()
     if gpu is not None:  # before anything initialises CUDA in this process
@@ -81,9 +96,10 @@ def _init_worker(threads: int, gpu_ids: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly.
-    _WORKER["stop"] = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: _WORKER["stop"].set())
+    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly. The
+    # event is shared with the parent, which sets it for --fail-fast.
+    _WORKER["stop"] = stop
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:
