@@ -48,11 +48,11 @@ def test_of_rivals_claiming_one_cell_at_once_exactly_one_wins(tmp_path: Path) ->
         start = threading.Barrier(len(rivals))
         outcome: dict[str, claims.Holder | None] = {}
 
-        def contend(c: claims.Claimer) -> None:
+        def contend(c: claims.Claimer, key: str, start: threading.Barrier, outcome: dict) -> None:
             start.wait()
             outcome[c.token] = c.claim(key, key)
 
-        threads = [threading.Thread(target=contend, args=(c,)) for c in rivals]
+        threads = [threading.Thread(target=contend, args=(c, key, start, outcome)) for c in rivals]
         for t in threads:
             t.start()
         for t in threads:

@@ -94,7 +94,8 @@ def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: 
             if decision.action in ("skip", "give_up"):
                 claims.release(tracker, spec.key)
                 if decision.action == "skip":
-                    out.append(CellResult(spec, "skipped", decision.run_id, note="finished meanwhile by another runner"))
+                    out.append(CellResult(spec, "skipped", decision.run_id,
+                                          note="finished meanwhile by another runner"))
                 else:
                     out.append(CellResult(spec, "failed", decision.run_id, error=decision.reason, earlier=True))
                 continue
