@@ -82,6 +82,19 @@ def test_a_dead_runners_claim_is_taken_over_and_cleaned_up(tmp_path: Path, owner
     c.close()
 
 
+def test_a_claim_of_a_zombie_or_of_a_reused_pid_is_dead(tmp_path: Path) -> None:
+    import subprocess
+
+    zombie = subprocess.Popen(["true"])  # exits at once, not reaped until wait()
+    wait_for(lambda: claims._process_stat(zombie.pid) is None or claims._process_stat(zombie.pid)[0] == "Z", 10,
+             "the child to exit")
+    now = time.time()
+    assert not claims.owner_alive(f"{platform.node()}:{zombie.pid}:", now, now)
+    zombie.wait()
+    assert claims.owner_alive(claims.owner_id(), now, now)
+    assert not claims.owner_alive(f"{platform.node()}:{os.getpid()}:1", now, now)  # same pid, another start
+
+
 def test_a_live_claim_elsewhere_is_respected(tmp_path: Path) -> None:
     tracker = store(tmp_path)
     fake_claim(tracker, "k", host="elsewhere", pid=1, beat_age=0)

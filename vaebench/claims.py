@@ -101,18 +101,19 @@ def _split_owner(owner: str) -> tuple[str, str, str]:
     return host, pid, start
 
 
-def _process_start(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot, Linux), to tell a reused pid apart."""
+def _process_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process `pid` (Linux), None if unreadable."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return "" if fields[0] == "Z" else fields[19]  # a zombie is dead
+        return fields[0], fields[19]
     except (OSError, IndexError):
-        return ""
+        return None
 
 
 def owner_id() -> str:
-    return f"{platform.node()}:{os.getpid()}:{_process_start(os.getpid())}"
+    stat = _process_stat(os.getpid())
+    return f"{platform.node()}:{os.getpid()}:{stat[1] if stat else ''}"
 
 
 def owner_alive(owner: str, at: float | None, now: float) -> bool:
@@ -127,8 +128,11 @@ def owner_alive(owner: str, at: float | None, now: float) -> bool:
         return False
     except (PermissionError, ValueError, OSError):
         return True  # someone else's process, or no pid: trust the beats
-    now_start = _process_start(int(pid))
-    return not start or not now_start or now_start == start
+    stat = _process_stat(int(pid))
+    if stat is None:
+        return True
+    state, now_start = stat
+    return state != "Z" and (not start or now_start == start)  # not a zombie, not a reused pid
 
 
 def holders_in(tags: dict[str, str], key: str) -> list[Holder]:

@@ -597,9 +597,10 @@ class Background:
 
     def settle(self, run_id: str, timeout: float | None = None) -> BaseException | None:
         """Wait until the calls submitted so far are done; the error of `run_id`'s, if any."""
-        done = threading.Event()
-        self.submit(done)
-        done.wait(timeout)
+        if self._thread.is_alive():  # (after close() nothing is waiting any more)
+            done = threading.Event()
+            self.submit(done)
+            done.wait(timeout)
         return self._errors.get(run_id)
 
     def flush(self) -> None:
