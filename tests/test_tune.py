@@ -366,6 +366,9 @@ def test_two_workers_share_one_study(write_yaml) -> None:
     trials = df[df["tags.vaebench.kind"] == "trial"]
     parent = df[df["tags.vaebench.kind"] == "study"]["run_id"].iloc[0]
     assert len(trials) == 4 and set(trials["tags.mlflow.parentRunId"]) == {parent}
+    # one MLflow run per trial, none twice: Optuna hands each trial to one worker
+    assert sorted(trials["tags.vaebench.trial_number"].astype(int)) == [0, 1, 2, 3]
+    assert set(trials["run_id"]) == {t.user_attrs["mlflow_run_id"] for t in study.trials}
     workers = set(trials["tags.vaebench.worker"])
     assert len(workers) == 2 and all(w.split(":")[-1] != str(os.getpid()) for w in workers)
     assert {line.split("]")[0] for line in lines if line.startswith("[worker")} == {"[worker 0", "[worker 1"}

@@ -87,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # tqdm.write keeps the per-cell lines above the progress bars instead of through them
         summary = run_experiment(exp, only=_only(args), force=args.force, jobs=args.jobs, pack=args.pack,
                                  eval_workers=args.eval_workers, progress=not args.no_progress,
-                                 echo=tqdm.write, should_stop=should_stop, ray=_ray(args))
+                                 echo=tqdm.write, should_stop=should_stop, retry_failed=args.retry_failed,
+                                 fail_fast=args.fail_fast, ray=_ray(args))
     for line in summary.lines():
         print(line)
     if not args.no_report:
@@ -267,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_file("run", "train and evaluate every cell not already finished, logging to MLflow")
     run.add_argument("--force", action="store_true", help="retrain cells that already have a finished run")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="train afresh, in a new run, the cells whose last attempt failed for a reason that "
+                          "repeats (diverged, bad settings, an error); by default they are reported, not retried. "
+                          "Interrupted attempts and failures of the store, disk or memory always resume")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop the sweep at the first cell that fails (running cells end KILLED and resume "
+                          "on the next run; exit code 1)")
     run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                      help="N worker processes, each training its own units (CPU machines: threads split "
                           "between them; several GPUs: one per GPU). Default 1: this process")
@@ -333,8 +341,28 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a message, not a traceback (VAEBENCH_DEBUG=1 shows it)
         if os.environ.get("VAEBENCH_DEBUG"):
             raise
-        _err(f"error: {type(e).__name__}: {e}")
+        _err(f"error: {_one_line(e)}")
         return EXIT_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    """An unexpected error in one line; a store that is read-only or full says so in words."""
+    from vaebench.tracking import first_line
+
+    text = str(e)
+    for needle, words in STORE_ERRORS.items():
+        if needle in text:
+            return f"{words} ({type(e).__name__}: {first_line(e, 200)})"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+STORE_ERRORS = {  # SQLite's words -> ours
+    "attempt to write a readonly database": "the tracking store is read-only; make it writable or point "
+                                            "tracking_uri / MLFLOW_TRACKING_URI at one that is",
+    "database or disk is full": "the disk of the tracking store is full; free some space and run again "
+                                "(finished cells are kept, the others resume)",
+    "unable to open database file": "the tracking store cannot be opened (a missing folder, or no permission)",
+}
 
 
 def entrypoint() -> None:

@@ -6,16 +6,20 @@ units go in, results stream back as cells finish, whatever runs them.
 - `PoolExecutor`: `jobs` worker processes, spawned once and reused for every unit: on a CPU
   machine each gets its share of the threads; with several GPUs each gets its own
   (CUDA_VISIBLE_DEVICES). A worker trains and evaluates its units in place.
+
 - `RayExecutor`: every unit a Ray task on a cluster (vaebench.cluster), with declared resources;
   the task trains and evaluates its unit in place on whichever node Ray picks.
 
 All record every run in the tracking store the same way (vaebench.units: `run_unit` wherever it
-runs, then the unit's results sent back).
+runs, claims included, then the unit's results sent back). `stop()` asks an executor to start no
+further unit and to stop the running ones at their next batch (their runs end KILLED, resumable):
+what `--fail-fast` uses.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 from vaebench import tracking
@@ -32,14 +36,21 @@ class LocalExecutor:
         self.exp, self.tracker, self.parent_id = exp, tracker, parent_id
         self.evaluator, self.background = evaluator, background
         self.progress, self.should_stop = progress, should_stop
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or (self.should_stop is not None and self.should_stop())
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         for unit in units:
-            if self.should_stop is not None and self.should_stop():
+            if self._stopping():
                 raise KeyboardInterrupt("stop requested")
             yield from self.evaluator.ready()
             yield from run_unit(self.exp, unit, self.tracker, self.parent_id, self.evaluator, self.background,
-                                progress=self.progress, should_stop=self.should_stop)
+                                progress=self.progress, should_stop=self._stopping)
             yield from self.evaluator.ready()
         yield from self.evaluator.drain()
 
@@ -47,6 +58,11 @@ class LocalExecutor:
 class PoolExecutor:
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0):
         self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
+        self._stop: Any = None  # a multiprocessing Event the workers share
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         import multiprocessing
@@ -58,8 +74,9 @@ class PoolExecutor:
         for i in range(self.jobs):
             gpu_ids.put(i % self.gpus if self.gpus else None)
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        self._stop = ctx.Event()
         with ProcessPoolExecutor(max_workers=min(self.jobs, len(units)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(threads, gpu_ids)) as pool:
+                                 initializer=_init_worker, initargs=(threads, gpu_ids, self._stop)) as pool:
             futures = [pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id)
                        for unit in units]
             try:
@@ -73,35 +90,43 @@ class PoolExecutor:
 class RayExecutor:
     """Units as Ray tasks: `gpus` (fractional: small units share a GPU; default one per unit when
     the cluster has GPUs, else none) and `cpus` each. A task whose worker died is retried on
-    another node (cluster.TASK_RETRIES) and continues its cells from their checkpoints."""
+    another node (cluster.TASK_RETRIES); its cells are taken over once the dead worker's claims
+    expire (vaebench.claims) and continue from their checkpoints."""
 
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, *, address: str | None = None,
                  gpus: float | None = None, cpus: float = 1.0):
         self.exp, self.tracker, self.parent_id = exp, tracker, parent_id
         self.address, self.gpus, self.cpus = address, gpus, cpus
+        self._refs: list[Any] = []
+        self._ray: Any = None
+
+    def stop(self) -> None:
+        if self._ray is not None:
+            from vaebench import cluster
+
+            cluster.cancel(self._ray, self._refs)
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         from vaebench import cluster
 
-        ray = cluster.connect(self.address)
+        ray = self._ray = cluster.connect(self.address)
         gpus = self.gpus if self.gpus is not None else (1.0 if cluster.gpus(ray) else 0.0)
         task = ray.remote(_unit_in_ray).options(num_cpus=self.cpus, num_gpus=gpus, max_retries=cluster.TASK_RETRIES)
         threads = max(1, int(self.cpus))
-        refs = [task.remote(self.exp, unit, self.tracker.uri, self.parent_id, threads) for unit in units]
+        self._refs = [task.remote(self.exp, unit, self.tracker.uri, self.parent_id, threads) for unit in units]
         try:
-            for results in cluster.results(ray, refs):
+            for results in cluster.results(ray, self._refs):
                 yield from results
         except BaseException:
-            cluster.cancel(ray, refs)
+            cluster.cancel(ray, self._refs)
             raise
 
 
 _WORKER: dict[str, Any] = {}  # per worker process: its stop flag and tracker, reused across units
 
 
-def _init_worker(threads: int, gpu_ids: Any) -> None:
+def _init_worker(threads: int, gpu_ids: Any, stop: Any) -> None:
     import signal
-    import threading
 
     gpu = gpu_ids.get()
     if gpu is not None:  # before anything initialises CUDA in this process
@@ -109,9 +134,10 @@ def _init_worker(threads: int, gpu_ids: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly.
-    _WORKER["stop"] = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: _WORKER["stop"].set())
+    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly. The
+    # event is shared with the parent, which sets it for --fail-fast.
+    _WORKER["stop"] = stop
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:

@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vaebench import tracking
+from vaebench import claims, tracking
 from vaebench.config import EvaluateSettings, Experiment, RunSettings
 
 if TYPE_CHECKING:  # annotations only: this module imports torch lazily
@@ -38,11 +38,14 @@ if TYPE_CHECKING:  # annotations only: this module imports torch lazily
 @dataclass
 class CellResult:
     spec: RunSpec
-    status: str  # trained | resumed | skipped | failed; for re-evaluation: evaluated | missing
+    # trained | resumed | skipped | failed | claimed (another runner has it); re-evaluation: evaluated | missing
+    status: str
     run_id: str | None = None
     seconds: float = 0.0
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    note: str | None = None  # something the user should know (a damaged checkpoint, who has the cell)
+    earlier: bool = False  # failed: in an earlier invocation, and not retried in this one (vaebench.attempts)
 
 
 # --- all at once ---------------------------------------------------------------------------------
@@ -117,8 +120,6 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
     if job.log_model:
         tracking.log_torch(tracker, run_id, tracking.MODEL_PATH, {
             "state_dict": job.state_dict, "settings": s.model_dump(mode="json"), "in_shape": list(job.in_shape)})
-    if job.final:
-        tracking.log_metrics(tracker, run_id, job.final, step=job.step)
     metrics = dict(ev.metrics)
     if ev.codes is not None:
         metrics.update(score_codes(ev.codes, job.exp.evaluate))
@@ -128,7 +129,6 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
     if job.exp.evaluate.clustering:
         baseline = job.baseline if job.baseline is not None else baseline_for(job.exp, s, data)
         final.update({f"baseline/{k}": v for k, v in baseline.items()})
-    tracking.log_metrics(tracker, run_id, final, step=job.step)
     if ev.not_applicable:
         tracking.set_tags(tracker, run_id, {tracking.TAG_NOT_APPLICABLE: ",".join(f"test/{k}" for k in ev.not_applicable)})
     if ev.kl_per_dim:
@@ -136,8 +136,10 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
         tracking.log_text(tracker, run_id, "eval/kl_per_dim.csv", rows)
     if job.exp.evaluate.figures:
         _log_figures(job, tracker, model, data)
+    # the metrics last: an evaluation that fails before them (a full disk under the figures) and is
+    # retried logs each of them once
     cpu = {"eval/cpu_seconds": time.perf_counter() - t0}  # clustering, figures and uploads
-    tracking.log_metrics(tracker, run_id, cpu, step=job.step)
+    tracking.log_metrics(tracker, run_id, {**job.final, **final, **cpu}, step=job.step)
     return {**job.final, **final, **cpu}
 
 
@@ -211,11 +213,16 @@ def baseline_for(exp: Experiment, s: RunSettings, data: Dataset | None = None) -
 
 
 class Evaluator:
-    """Finishes trained cells in this process, right away: prepare + complete, then the run ends."""
+    """Finishes trained cells in this process, right away: prepare + complete, then the run ends.
+
+    Every cell that leaves a unit, trained or failed, ends here: `finished` and `failed` write the
+    run's final status (through the unit's tracking.Background, after its other calls) and then
+    release the cell's claim (vaebench.claims); their CellResults come out of `ready()`/`drain()`."""
 
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, background: tracking.Background):
         self.exp, self.tracker, self.background = exp, tracker, background
         self._done: list[CellResult] = []
+        self.failures = 0  # cells failed through this evaluator (what --fail-fast watches)
 
     def baselines(self, settings: list[RunSettings]) -> None:
         """Compute the baselines these cells need, before any of them is evaluated."""
@@ -228,34 +235,53 @@ class Evaluator:
                 pass
 
     def submit(self, spec: RunSpec, run_id: str, result: TrainResult, data: Dataset, status: str,
-               started: float) -> None:
+               started: float, note: str | None = None) -> None:
         try:
             job = prepare(self.exp, spec.settings, result, data, run_id)
         except Exception as e:  # noqa: BLE001 - one bad cell must not stop the others
-            self._done.append(self.failed(spec, run_id, e, started))
+            self.failed(spec, run_id, e, started, note)
             return
-        self._complete(job, spec, status, started, model=result.model, data=data)
+        self._complete(job, spec, status, started, note, model=result.model, data=data)
 
-    def _complete(self, job: Job, spec: RunSpec, status: str, started: float, **kw: Any) -> None:
+    def _complete(self, job: Job, spec: RunSpec, status: str, started: float, note: str | None, **kw: Any) -> None:
         try:
             metrics = complete(job, self.tracker, **kw)
         except Exception as e:  # noqa: BLE001
-            self._done.append(self.failed(spec, job.run_id, e, started))
+            self.failed(spec, job.run_id, e, started, note)
             return
-        self._done.append(self.finished(spec, job.run_id, status, started, metrics))
+        self.finished(spec, job.run_id, status, started, metrics, note)
 
-    def finished(self, spec: RunSpec, run_id: str, status: str, started: float, metrics: dict[str, float]) -> CellResult:
+    def finished(self, spec: RunSpec, run_id: str, status: str, started: float, metrics: dict[str, float],
+                 note: str | None = None) -> CellResult:
+        # a checkpoint or metrics that the store did not take make the run incomplete: it fails
+        error = self.background.settle(run_id)
+        if error is not None:
+            return self.failed(spec, run_id, error, started, note)
         self.background.submit(tracking.finish, self.tracker, run_id, "FINISHED")
-        return CellResult(spec, status, run_id, time.perf_counter() - started, metrics=metrics)
+        self.background.submit(claims.release, self.tracker, spec.key)
+        result = CellResult(spec, status, run_id, time.perf_counter() - started, metrics=metrics, note=note)
+        self._done.append(result)
+        return result
 
-    def failed(self, spec: RunSpec, run_id: str | None, error: BaseException, started: float) -> CellResult:
-        message = f"{type(error).__name__}: {error}"
+    def failed(self, spec: RunSpec, run_id: str | None, error: BaseException, started: float,
+               note: str | None = None) -> CellResult:
+        """The cell failed: its run ends FAILED with the reason (tags `vaebench.error`, `vaebench.failure`,
+        and for a divergence `vaebench.diverged_at_epoch`), and its claim goes."""
+        from vaebench.attempts import DIVERGED, failure_kind
+
+        message = f"{type(error).__name__}: {tracking.first_line(error)}"
+        self.failures += 1
         if run_id is not None:
-            tb = "".join(traceback.format_exception(error))[-4000:]
-            self.background.submit(tracking.set_tags, self.tracker, run_id,
-                                   {tracking.TAG_ERROR: message, "vaebench.traceback": tb})
-            self.background.submit(tracking.finish, self.tracker, run_id, "FAILED")
-        return CellResult(spec, "failed", run_id, time.perf_counter() - started, error=message)
+            kind = failure_kind(error)
+            tags = {tracking.TAG_ERROR: message, tracking.TAG_FAILURE: kind,
+                    "vaebench.traceback": "".join(traceback.format_exception(error))[-4000:]}
+            if kind == DIVERGED and getattr(error, "epoch", None) is not None:
+                tags["vaebench.diverged_at_epoch"] = error.epoch
+            self.background.submit(tracking.mark_failed, self.tracker, run_id, tags)
+        self.background.submit(claims.release, self.tracker, spec.key)
+        result = CellResult(spec, "failed", run_id, time.perf_counter() - started, error=message, note=note)
+        self._done.append(result)
+        return result
 
     def ready(self) -> list[CellResult]:
         """The cells finished since the last call."""
@@ -268,6 +294,10 @@ class Evaluator:
 
     def pending_runs(self) -> list[str]:
         """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
+        return []
+
+    def pending_keys(self) -> list[str]:
+        """Their cells' run keys (their claims go after the KILLED mark)."""
         return []
 
     def close(self, cancel: bool = False) -> None:
@@ -293,8 +323,8 @@ class PoolEvaluator(Evaluator):
                                         initializer=_init_eval_worker)
         self.limit = queue or 4 * workers
         self._baselines: dict[str, Any] = {}  # baseline key -> future
-        self._waiting: list[tuple[Job, RunSpec, str, float]] = []  # jobs whose baseline is not ready
-        self._running: dict[Any, tuple[Job, RunSpec, str, float]] = {}
+        self._waiting: list[tuple[Job, RunSpec, str, float, str | None]] = []  # jobs whose baseline is not ready
+        self._running: dict[Any, tuple[Job, RunSpec, str, float, str | None]] = {}
 
     def baselines(self, settings: list[RunSettings]) -> None:
         """Start the baselines in the pool: they run while the first unit trains."""
@@ -304,13 +334,13 @@ class PoolEvaluator(Evaluator):
             self._baselines[key] = self.pool.submit(_baseline_in_worker, self.exp, s)
 
     def submit(self, spec: RunSpec, run_id: str, result: TrainResult, data: Dataset, status: str,
-               started: float) -> None:
+               started: float, note: str | None = None) -> None:
         try:
             job = prepare(self.exp, spec.settings, result, data, run_id)
         except Exception as e:  # noqa: BLE001
-            self._done.append(self.failed(spec, run_id, e, started))
+            self.failed(spec, run_id, e, started, note)
             return
-        self._waiting.append((job, spec, status, started))
+        self._waiting.append((job, spec, status, started, note))
         self._dispatch()
         while self._in_flight() > self.limit:  # back-pressure on the trainer
             self._collect(block=True)
@@ -346,13 +376,13 @@ class PoolEvaluator(Evaluator):
             item = self._running.pop(future, None)
             if item is None:
                 continue  # a baseline: _dispatch picks it up
-            job, spec, status, started = item
+            job, spec, status, started, note = item
             try:
                 metrics = future.result()
             except Exception as e:  # noqa: BLE001
-                self._done.append(self.failed(spec, job.run_id, e, started))
+                self.failed(spec, job.run_id, e, started, note)
                 continue
-            self._done.append(self.finished(spec, job.run_id, status, started, metrics))
+            self.finished(spec, job.run_id, status, started, metrics, note)
         self._dispatch()
 
     def ready(self) -> list[CellResult]:
@@ -367,6 +397,9 @@ class PoolEvaluator(Evaluator):
     def pending_runs(self) -> list[str]:
         """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
         return [item[0].run_id for item in [*self._waiting, *self._running.values()]]
+
+    def pending_keys(self) -> list[str]:
+        return [item[1].key for item in [*self._waiting, *self._running.values()]]
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)

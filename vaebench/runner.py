@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from vaebench import tracking
+from vaebench import claims, tracking
 from vaebench.config import Experiment
 from vaebench.matrix import RunSpec, expand, same_value, setting_value
 from vaebench.results import CellResult
@@ -30,6 +30,7 @@ class SelectionError(ValueError):
 class Summary:
     results: list[CellResult]
     parent_run_id: str | None = None
+    not_run: int = 0  # cells left untouched because --fail-fast stopped the sweep
 
     def of(self, *statuses: str) -> list[CellResult]:
         return [r for r in self.results if r.status in statuses]
@@ -45,8 +46,17 @@ class Summary:
         else:
             head = (f"{len(self.of('trained', 'resumed'))} trained ({len(self.of('resumed'))} resumed), "
                     f"{len(self.of('skipped'))} skipped (already finished), {len(self.of('failed'))} failed")
+            earlier = [r for r in self.of("failed") if r.earlier]
+            if earlier:
+                head += f" ({len(earlier)} earlier, not retried)"
+            if self.of("claimed"):
+                head += f", {len(self.of('claimed'))} left to other runners"
         out = [head]
+        if self.not_run:
+            out.append(f"stopped at the first failure (--fail-fast): {self.not_run} cells not run; "
+                       "run the same command again to continue")
         out += [f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}" for r in self.of("failed")]
+        out += [f"  {r.spec.name} [{r.spec.key}]: {r.note}" for r in self.of("claimed")]
         return out
 
 
@@ -102,37 +112,45 @@ class RayOptions:
 def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None, force: bool = False,
                    jobs: int = 1, pack: str | int = "auto", eval_workers: str | int = "auto", progress: bool = True,
                    echo: Printer = print, should_stop: Callable[[], bool] | None = None,
-                   ray: RayOptions | None = None) -> Summary:
+                   retry_failed: bool = False, fail_fast: bool = False, ray: RayOptions | None = None) -> Summary:
     """Train and evaluate every selected cell that has no finished run (all with `force`); returns
-    the summary. The cells go in units (vaebench.plan: packs of cells that share a step, on CUDA
-    by default; `pack` = auto | off | N) through an executor (this process, `jobs` worker
+    the summary. What happens to a cell with earlier attempts is vaebench.attempts' policy (an
+    interrupted or environment-failed attempt resumes; a deterministic failure is left failed
+    unless `retry_failed`). The cells go in units (vaebench.plan: packs of cells that share a step,
+    on CUDA by default; `pack` = auto | off | N) through an executor (this process, `jobs` worker
     processes, or with `ray` tasks on a Ray cluster); with `eval_workers` the CPU part of the
     evaluation runs in that many processes (auto: on CUDA, where the device would otherwise wait
-    for it). A KeyboardInterrupt (or `should_stop()`
-    turning true, polled between steps and units) marks the running cells and the parent run KILLED
-    (resumable) and propagates as KeyboardInterrupt."""
-    from tqdm.auto import tqdm
+    for it).
 
-    from vaebench.executors import LocalExecutor, PoolExecutor, RayExecutor
-    from vaebench.plan import make_units, pack_limit
+    Several runners may work on one store at once: each cell is claimed before it is trained
+    (vaebench.claims). Cells that another runner holds are waited for at the end: taken over if
+    that runner stops (its claim expires), skipped once it finishes them.
+
+    `fail_fast`: the first cell that fails in this invocation stops the sweep (no further unit
+    starts, the running ones stop at their next batch and end KILLED, resumable). A
+    KeyboardInterrupt (or `should_stop()` turning true, polled between steps and units) marks the
+    running cells and the parent run KILLED (resumable) and propagates as KeyboardInterrupt."""
+    from vaebench.attempts import decide
     from vaebench.results import Evaluator, PoolEvaluator
     from vaebench.train import resolve_device
-    from vaebench.units import Cell
 
     specs = select(expand(exp), only or {})
     tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
     existing = tracking.runs_by_key(tracker)
+    force_since = int(time.time() * 1000) if force else None
     results: list[CellResult] = []
-    todo: list[Cell] = []
+    todo: list[Any] = []
     for spec in specs:
-        previous = existing.get(spec.key, [])
-        finished = next((r for r in previous if r.info.status == "FINISHED"), None)
-        if finished is not None and not force:
-            results.append(CellResult(spec, "skipped", finished.info.run_id))
-            echo(f"{spec.name}: skipped, finished as run {finished.info.run_id}")
-            continue
-        unfinished = None if force else next((r for r in previous if r.info.status != "FINISHED"), None)
-        todo.append(Cell(spec, unfinished.info.run_id if unfinished else None))
+        decision = decide(existing.get(spec.key, []), force_since=force_since, retry_failed=retry_failed)
+        if decision.action == "skip":
+            results.append(CellResult(spec, "skipped", decision.run_id))
+            echo(f"{spec.name}: skipped, finished as run {decision.run_id}")
+        elif decision.action == "give_up":
+            results.append(CellResult(spec, "failed", decision.run_id, error=decision.reason, earlier=True))
+            echo(f"{spec.name}: {decision.reason}")
+        else:
+            todo.append(_cell(spec, decision.run_id if decision.action == "resume" else None, force_since,
+                              retry_failed))
     if ray is not None:  # the cluster's devices decide, not this machine's
         from vaebench import cluster
 
@@ -143,7 +161,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         device_type = device.type if device else "cpu"
         gpus = _gpu_count() if device_type == "cuda" else 0
         workers = _eval_workers(eval_workers, device_type, jobs)
-    units = make_units(todo, lambda c: c.spec.settings, pack_limit(pack, device_type))
+    units = _units(todo, pack, device_type)
     packed = sum(len(u) for u in units if len(u) > 1)
     parent_id = tracking.start_run(tracker, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_KIND: "parent", "vaebench.file": str(exp.path), "vaebench.cells": len(specs),
@@ -163,37 +181,148 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
          f"{' (' + '; '.join(how) + ')' if how else ''}; tracking at {tracker.uri}")
     background = tracking.Background()
     evaluator = PoolEvaluator(exp, tracker, background, workers) if workers else Evaluator(exp, tracker, background)
+    failed_here = lambda: fail_fast and evaluator.failures > 0  # noqa: E731 - failed in this process
+    stop = lambda: failed_here() or (should_stop is not None and should_stop())  # noqa: E731
+    sweep = _Sweep(exp, tracker, parent_id, jobs, gpus, evaluator, background, progress, echo, stop, fail_fast,
+                   len(todo), ray)
     status = "FINISHED"
     try:
         evaluator.baselines([c.spec.settings for c in todo])  # before any cell is trained
-        if ray is not None:
-            executor: Any = RayExecutor(exp, tracker, parent_id, address=ray.address, gpus=ray.gpus, cpus=ray.cpus)
-        elif jobs > 1 and len(units) > 1:
-            executor = PoolExecutor(exp, tracker, parent_id, jobs, gpus=gpus if gpus > 1 else 0)
-        else:
-            executor = LocalExecutor(exp, tracker, parent_id, evaluator, background, progress=progress,
-                                     should_stop=should_stop)
-        bar = tqdm(total=len(todo), desc="cells", unit="run", disable=not progress or not todo)
-        for i, result in enumerate(executor.run(units)):
-            results.append(result)
-            bar.update()
-            echo(f"[{i + 1}/{len(todo)}] {result.spec.name}: {result.status} in {result.seconds:.1f}s" +
-                 (f" - {result.error}" if result.error else _headline(result.metrics)))
-        bar.close()
+        try:
+            sweep.run(units)
+            while not sweep.stopping:  # cells other runners held: wait, then take over or skip them
+                waiting = [r for r in sweep.results if r.status == "claimed"]
+                if not waiting:
+                    break
+                free = _wait_for_others(tracker, waiting, echo, stop)
+                sweep.results = [r for r in sweep.results if r not in free]
+                sweep.run(_units([_cell(r.spec, None, force_since, retry_failed) for r in free], pack, device_type))
+        except KeyboardInterrupt:
+            if not (sweep.stopping or failed_here()):
+                raise
+            sweep.results += evaluator.drain()  # --fail-fast: what finished training still ends well
+        if sweep.stopping or failed_here():
+            status = "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        for run_id in evaluator.pending_runs():
+        for run_id, key in zip(evaluator.pending_runs(), evaluator.pending_keys()):
             background.submit(tracking.finish, tracker, run_id, "KILLED")
+            background.submit(claims.release, tracker, key)
         raise
     finally:
-        evaluator.close(cancel=status == "KILLED")
-        background.close()
+        results += sweep.results
         summary = Summary(results, parent_id)
-        tracking.log_metrics(tracker, parent_id, {
-            "cells/trained": len(summary.of("trained", "resumed")),
-            "cells/skipped": len(summary.of("skipped")), "cells/failed": len(summary.of("failed"))})
-        tracking.finish(tracker, parent_id, status)
+        if status == "FAILED":
+            done = {r.spec.key for r in results}
+            summary.not_run = sum(c.spec.key not in done for c in todo)
+        _end_parent(tracker, parent_id, summary, status, evaluator, background)
     return summary
+
+
+class _Sweep:
+    """The units of one invocation through an executor (a round; the wait for other runners'
+    cells may add more), their results streamed to the console."""
+
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, gpus: int,
+                 evaluator: Any, background: tracking.Background, progress: bool, echo: Printer,
+                 stop: Callable[[], bool], fail_fast: bool, total: int, ray: RayOptions | None = None):
+        self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
+        self.ray = ray
+        self.evaluator, self.background, self.progress, self.echo = evaluator, background, progress, echo
+        self.stop, self.fail_fast, self.total = stop, fail_fast, total
+        self.results: list[CellResult] = []
+        self.stopping = False
+
+    def run(self, units: list[Any]) -> None:
+        from tqdm.auto import tqdm
+
+        from vaebench.executors import LocalExecutor, PoolExecutor, RayExecutor
+
+        if not units:
+            return
+        if self.ray is not None:
+            executor: Any = RayExecutor(self.exp, self.tracker, self.parent_id, address=self.ray.address,
+                                        gpus=self.ray.gpus, cpus=self.ray.cpus)
+        elif self.jobs > 1 and len(units) > 1:
+            executor = PoolExecutor(self.exp, self.tracker, self.parent_id, self.jobs,
+                                         gpus=self.gpus if self.gpus > 1 else 0)
+        else:
+            executor = LocalExecutor(self.exp, self.tracker, self.parent_id, self.evaluator, self.background,
+                                     progress=self.progress, should_stop=self.stop)
+        cells = sum(len(u) for u in units)
+        bar = tqdm(total=cells, desc="cells", unit="run", disable=not self.progress)
+        try:
+            for result in executor.run(units):
+                self.results.append(result)
+                bar.update()
+                self._show(result)
+                if self.fail_fast and result.status == "failed" and not result.earlier and not self.stopping:
+                    self.stopping = True
+                    executor.stop()
+                    self.echo("--fail-fast: a cell failed; stopping the sweep (running cells end KILLED, resumable)")
+        finally:
+            bar.close()
+
+    def _show(self, result: CellResult) -> None:
+        if result.note and result.status != "claimed":
+            self.echo(f"{result.spec.name}: {result.note}")
+        done = sum(r.status != "claimed" for r in self.results)
+        if result.status == "claimed":
+            line = f"{result.spec.name}: left out, {result.note}"
+        else:
+            line = f"[{done}/{self.total}] {result.spec.name}: {result.status} in {result.seconds:.1f}s" + \
+                   (f" - {result.error}" if result.error else _headline(result.metrics))
+        self.echo(line)
+
+
+def _cell(spec: RunSpec, resume_run_id: str | None, force_since: int | None, retry_failed: bool) -> Any:
+    from vaebench.units import Cell
+
+    return Cell(spec, resume_run_id, force_since, retry_failed)
+
+
+def _units(cells: list[Any], pack: str | int, device_type: str) -> list[Any]:
+    from vaebench.plan import make_units, pack_limit
+
+    return make_units(cells, lambda c: c.spec.settings, pack_limit(pack, device_type))
+
+
+def _wait_for_others(tracker: tracking.Tracker, waiting: list[CellResult], echo: Printer,
+                     stop: Callable[[], bool]) -> list[CellResult]:
+    """Wait until some of the cells other runners hold are free again (finished there, or their
+    runner stopped and its claim expired); those cells."""
+    keys = [r.spec.key for r in waiting]
+    held = claims.holders(tracker, keys)
+    owners = sorted({str(h) for h in held.values()})
+    if held:
+        echo(f"waiting for {len(held)} cells that other runners are training ({', '.join(owners)}); "
+             f"they are taken over if those runners stop (Ctrl-C stops waiting, nothing is lost)")
+    while len(held) == len(keys):  # until one of them is free
+        if stop():
+            raise KeyboardInterrupt("stop requested")
+        time.sleep(min(5.0, claims.ttl() / 6))
+        held = claims.holders(tracker, keys)
+    return [r for r in waiting if r.spec.key not in held]
+
+
+def _end_parent(tracker: tracking.Tracker, parent_id: str, summary: Summary, status: str, evaluator: Any,
+                background: tracking.Background) -> None:
+    """The sweep's parent run ends with its counts; whatever the background thread still owes
+    the store is written first (an error there is raised after the parent is ended)."""
+    error: BaseException | None = None
+    try:
+        evaluator.close(cancel=status == "KILLED")
+    finally:
+        try:
+            background.close()
+        except Exception as e:  # noqa: BLE001 - raised below, once the parent run has its status
+            error = e
+    tracking.log_metrics(tracker, parent_id, {
+        "cells/trained": len(summary.of("trained", "resumed")),
+        "cells/skipped": len(summary.of("skipped")), "cells/failed": len(summary.of("failed"))})
+    tracking.finish(tracker, parent_id, status)
+    if error is not None:
+        raise error
 
 
 EVAL_WORKERS_MAX = 8
@@ -228,8 +357,9 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
     """Redo the evaluation of every finished cell from its saved model, without retraining (for
     example with a larger k: `overrides={"iw_samples": 5000}`). The new test/* metrics are logged
     to the same runs."""
+    from vaebench.data import load_dataset
     from vaebench.results import evaluate_and_log
-    from vaebench.train import build_for, dataset_for, resolve_device
+    from vaebench.train import build_for, resolve_device
 
     if overrides:
         exp = exp.model_copy(update={"evaluate": exp.evaluate.model_validate(
@@ -256,7 +386,7 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
             model.load_state_dict(saved["state_dict"])
             model.to(resolve_device(s.device))
             checkpoint = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH) or {}
-            data = dataset_for(s, exp.resolved_data_dir())
+            data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
             step = int(run.data.metrics.get("train/epochs_run", 0))
             metrics = evaluate_and_log(exp, s, model, data, checkpoint.get("history", []), tracker, run_id, step)
             tracking.set_tags(tracker, run_id, {"vaebench.evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -35,7 +35,14 @@ EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 VAL_BATCH = 1024
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The training loss became NaN or infinite; `epoch` is where (recorded on the run)."""
+
+    def __init__(self, message: str, epoch: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
+
+    def __reduce__(self) -> tuple:  # keeps `epoch` across processes (--jobs workers)
+        return (type(self), (str(self), self.epoch))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,7 +170,7 @@ def epoch_metrics(sums: list[float], n: int, end_weight: float, eff_beta: float,
     loss, recon, kl = (v / n for v in sums)
     if not all(map(math.isfinite, (loss, recon, kl))):
         raise TrainingDiverged(f"training loss is not finite at epoch {epoch} ({loss}); "
-                               f"try a smaller lr than {settings.lr}")
+                               f"try a smaller lr than {settings.lr}", epoch)
     return {"train/loss": loss, "train/recon": recon, "train/kl": kl,
             "train/kl_weight": end_weight, "train/effective_beta": eff_beta * end_weight,
             "train/lr": lr_at(settings, epoch)}

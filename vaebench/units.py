@@ -1,13 +1,22 @@
-"""Runs one unit of work (vaebench.plan.Unit: a pack of cells, or one cell): opens or resumes the
-MLflow run of each cell, trains them (the packed engine for a pack or a captured step, the plain
-loop otherwise), logs every epoch's metrics and the checkpoints, and hands each trained cell to the
+"""Runs one unit of work (vaebench.plan.Unit: a pack of cells, or one cell): claims each cell
+(vaebench.claims), decides what to do with it now that it is this runner's (vaebench.attempts:
+skip it, resume its last attempt, train it afresh, leave it failed), opens or resumes its MLflow
+run, trains the cells (the packed engine for a pack or a captured step, the plain loop
+otherwise), logs every epoch's metrics and the checkpoints, and hands each trained cell to the
 evaluator (vaebench.results) as soon as it leaves training.
+
+Claiming happens here, wherever a unit runs (this process, a worker process, a cluster task), so
+every executor gets it: a cell another runner holds is left out of the unit (a "claimed"
+result), and the claim is released by the evaluator once the run's final status is written.
 
 Every call to the tracking store goes through a `tracking.Background` thread, so the trainer
 never waits for it. Checkpoints are written after a cell's first epoch, then at most every
 CHECKPOINT_EVERY_S seconds, and always after its last epoch; metrics after every epoch. A resumed
 cell retrains the epochs after its last checkpoint, exactly (vaebench.step), and does not log them
-twice.
+twice. A checkpoint that turns out damaged when a run is resumed (tracking.ArtifactDamaged) ends
+that run FAILED with the reason, and the cell starts again from scratch in a new run. A cell
+whose checkpoint or metrics the store did not take (a full disk, a store that stayed away) fails
+with that error; one that lost its claim (it stalled past the lease) stops writing to its run.
 
 A failed cell never stops the others; a Ctrl-C (KeyboardInterrupt) marks the unit's unfinished
 runs KILLED and propagates.
@@ -20,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from vaebench import tracking
+from vaebench import attempts, claims, tracking
 from vaebench.config import Experiment
 from vaebench.plan import Unit, memory_cap
 from vaebench.results import CellResult, Evaluator
@@ -34,10 +43,16 @@ CHECKPOINT_EVERY_S = 30.0
 
 @dataclass
 class Cell:
-    """A cell to train, and the run to continue (its last unfinished attempt), if any."""
+    """A cell to train, with what the runner planned for it (decided again once it is claimed)."""
 
     spec: RunSpec
-    resume_run_id: str | None = None
+    resume_run_id: str | None = None  # the run the runner expected to continue
+    force_since: int | None = None  # --force: the sweep's start (ms); runs before it do not count
+    retry_failed: bool = False  # --retry-failed: a deterministic failure is trained afresh
+
+
+class ClaimLost(RuntimeError):
+    """Another runner took the cell over (this one stalled past the lease)."""
 
 
 @dataclass
@@ -47,68 +62,109 @@ class _Open:
     spec: RunSpec
     run_id: str
     resume: dict[str, Any] | None  # the checkpoint it continues from
+    note: str | None = None
     logged: set[int] = field(default_factory=set)  # epochs whose metrics the run already has
     checkpoint: dict[str, Any] | None = None  # the last one written (an out-of-memory retry resumes from it)
     checkpoint_at: float | None = None
     done: bool = False
+    error: BaseException | None = None  # the store did not take a write for it: it fails
+    lost: bool = False  # its claim went to another runner: nothing more is written for it
 
 
 def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: str | None, evaluator: Evaluator,
              background: tracking.Background, *, progress: bool = True,
              should_stop: Callable[[], bool] | None = None) -> list[CellResult]:
-    """Train the cells of `unit` (a list of `Cell`s); trained cells go to `evaluator`, and the cells
-    that failed before that are returned."""
+    """Train the cells of `unit` (a list of `Cell`s). Cells that reach the evaluator, trained or
+    failed, come out of it; returned are the others: skipped (finished meanwhile), left failed
+    (vaebench.attempts), or claimed by another runner."""
     from vaebench.train import dataset_for
 
     started = time.perf_counter()
-    failed: list[CellResult] = []
+    out: list[CellResult] = []
     opened: list[_Open] = []
     for cell in unit.items:
-        run_id = None
+        spec, run_id = cell.spec, None
         try:
-            run_id, resume = _open_run(exp, cell, tracker, parent_id)
-            opened.append(_Open(cell.spec, run_id, resume))
+            holder = claims.claim(tracker, spec.key, spec.name)
+            if holder is not None:
+                out.append(CellResult(spec, "claimed", note=f"being trained by {holder}"))
+                continue
+            decision = attempts.decide(tracking.runs_by_key(tracker, spec.key).get(spec.key, []),
+                                       force_since=cell.force_since, retry_failed=cell.retry_failed)
+            if decision.action in ("skip", "give_up"):
+                claims.release(tracker, spec.key)
+                if decision.action == "skip":
+                    out.append(CellResult(spec, "skipped", decision.run_id,
+                                          note="finished meanwhile by another runner"))
+                else:
+                    out.append(CellResult(spec, "failed", decision.run_id, error=decision.reason, earlier=True))
+                continue
+            run_id, resume, note = _open_run(exp, spec, decision, tracker, parent_id)
+            opened.append(_Open(spec, run_id, resume, note))
             if resume is not None:
                 opened[-1].logged = tracking.logged_steps(tracker, run_id, "train/loss")
                 _log_missing_epochs(opened[-1], tracker)
         except KeyboardInterrupt:
+            claims.release(tracker, spec.key)
             _stop(opened, tracker, background)
             raise
         except Exception as e:  # noqa: BLE001 - this cell fails, the others go on
-            failed.append(evaluator.failed(cell.spec, run_id, e, started))
+            evaluator.failed(spec, run_id, e, started)
     if not opened:
-        return failed
+        return out
     s = opened[0].spec.settings
     try:
         data = dataset_for(s, exp.resolved_data_dir())
         for o in opened:
             if o.resume is None:
                 background.submit(tracking.set_tags, tracker, o.run_id, {tracking.TAG_SOURCE: data.source})
-        _train(exp, opened, data, tracker, evaluator, background, failed, started, progress, should_stop)
+        _train(exp, opened, data, tracker, evaluator, background, out, started, progress, should_stop)
     except KeyboardInterrupt:
         _stop([o for o in opened if not o.done], tracker, background)
         raise
     except Exception as e:  # noqa: BLE001 - the unit as a whole failed (its data, its device, ...)
-        failed += [evaluator.failed(o.spec, o.run_id, e, started) for o in opened if not o.done]
-    return failed
+        for o in opened:
+            if not o.done:
+                evaluator.failed(o.spec, o.run_id, e, started, o.note)
+    return out
 
 
-def _open_run(exp: Experiment, cell: Cell, tracker: tracking.Tracker,
-              parent_id: str | None) -> tuple[str, dict[str, Any] | None]:
-    """Continue the cell's unfinished run from its last checkpoint, or start a new run."""
-    spec, run_id, resume = cell.spec, cell.resume_run_id, None
-    if run_id is not None:
-        resume = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH)
-        if resume is None:  # interrupted before its first checkpoint: nothing to continue
-            tracking.finish(tracker, run_id, "FAILED")
+def _open_run(exp: Experiment, spec: RunSpec, decision: attempts.Decision, tracker: tracking.Tracker,
+              parent_id: str | None) -> tuple[str, dict[str, Any] | None, str | None]:
+    """Continue the cell's last attempt from its checkpoint, or start a new run; with a note when
+    the user should hear why (a damaged checkpoint)."""
+    run_id, resume, note = None, None, None
+    if decision.action == "resume":
+        run_id = decision.run_id
+        try:
+            resume = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH)
+        except tracking.ArtifactDamaged as e:
+            tracking.mark_failed(tracker, run_id, {tracking.TAG_ERROR: f"ArtifactDamaged: {e}",
+                                                   tracking.TAG_FAILURE: attempts.DAMAGED})
+            note = f"{e}; that run is marked FAILED and the cell trains from scratch in a new run"
             run_id = None
+        else:
+            if resume is None:  # stopped before its first checkpoint: nothing to continue
+                if decision.run.info.status != "FAILED":  # (a failed one keeps its own reason)
+                    tracking.mark_failed(tracker, run_id, {
+                        tracking.TAG_ERROR: "ended before its first checkpoint; trained again in a new run"})
+                run_id = None
     if run_id is not None:
         tracker.client.update_run(run_id, status="RUNNING")
-        tracking.set_tags(tracker, run_id, {"vaebench.resumed_from_epoch": resume["epoch"]})
-        return run_id, resume
-    run_id = tracking.start_run(tracker, spec.name, {
-        tracking.TAG_KIND: "cell", tracking.TAG_RUN_KEY: spec.key,
-        **{axis: tracking.tag_value(v) for axis, v in spec.axes.items()}}, parent_id)
+        tags: dict[str, Any] = {"vaebench.resumed_from_epoch": resume["epoch"]}
+        previous = decision.run.data.tags.get(tracking.TAG_ERROR)
+        if decision.run.info.status == "FAILED" and previous:  # an environment failure, retried
+            tags["vaebench.retried_after"] = previous
+            for stale in (tracking.TAG_ERROR, tracking.TAG_FAILURE, "vaebench.traceback"):
+                if stale in decision.run.data.tags:
+                    tracker.client.delete_tag(run_id, stale)
+        tracking.set_tags(tracker, run_id, tags)
+        return run_id, resume, note
+    tags = {tracking.TAG_KIND: "cell", tracking.TAG_RUN_KEY: spec.key,
+            **{axis: tracking.tag_value(v) for axis, v in spec.axes.items()}}
+    if decision.run_id is not None:
+        tags["vaebench.previous_attempt"] = decision.run_id
+    run_id = tracking.start_run(tracker, spec.name, tags, parent_id)
     try:
         tracking.log_params(tracker, run_id, spec.params())
         tracking.log_json(tracker, run_id, "config/cell.json", {
@@ -117,7 +173,7 @@ def _open_run(exp: Experiment, cell: Cell, tracker: tracking.Tracker,
     except BaseException:
         tracking.finish(tracker, run_id, "FAILED")
         raise
-    return run_id, None
+    return run_id, None, note
 
 
 def _log_missing_epochs(o: _Open, tracker: tracking.Tracker) -> None:
@@ -129,7 +185,7 @@ def _log_missing_epochs(o: _Open, tracker: tracking.Tracker) -> None:
 
 
 def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: tracking.Tracker, evaluator: Evaluator,
-           background: tracking.Background, failed: list[CellResult], started: float, progress: bool,
+           background: tracking.Background, out: list[CellResult], started: float, progress: bool,
            should_stop: Callable[[], bool] | None) -> None:
     import torch
 
@@ -139,11 +195,17 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
     def on_epoch_end(i: int, epoch: int, metrics: dict[str, float], make_checkpoint: Callable[[], dict],
                      final: bool) -> None:
         o = members[i]
+        if o.error is None and not o.lost:
+            o.error = background.error(o.run_id)
+            o.lost = claims.lost(tracker, o.spec.key)
+        if o.error is not None or o.lost:
+            return  # it fails (or is another runner's) at its end; nothing more is written for it
         now = time.monotonic()
         if final or o.checkpoint_at is None or now - o.checkpoint_at >= CHECKPOINT_EVERY_S:
             o.checkpoint, o.checkpoint_at = make_checkpoint(), now  # on the CPU: training goes on
             # checkpoint first, then metrics: a crash in between re-logs nothing twice on resume
-            background.submit(tracking.log_torch, tracker, o.run_id, tracking.CHECKPOINT_PATH, o.checkpoint)
+            background.submit(tracking.log_torch, tracker, o.run_id, tracking.CHECKPOINT_PATH, o.checkpoint,
+                              coalesce=(o.run_id, tracking.CHECKPOINT_PATH))
         if epoch not in o.logged:
             background.submit(tracking.log_metrics, tracker, o.run_id, metrics, epoch)
             o.logged.add(epoch)
@@ -151,11 +213,18 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
     def on_done(i: int, outcome: Any) -> None:
         o = members[i]
         o.done = True
+        if o.lost or isinstance(outcome, ClaimLost):
+            o.lost = True
+            out.append(CellResult(o.spec, "claimed", o.run_id, note="another runner took it over (this one "
+                                  "stalled past its lease); its run is left to that runner"))
+            return
+        if o.error is not None and not isinstance(outcome, Exception):
+            outcome = o.error
         if isinstance(outcome, Exception):
-            failed.append(evaluator.failed(o.spec, o.run_id, outcome, started))
+            evaluator.failed(o.spec, o.run_id, outcome, started, o.note)
             return
         outcome.how.update(how)
-        evaluator.submit(o.spec, o.run_id, outcome, data, "resumed" if o.resume else "trained", started)
+        evaluator.submit(o.spec, o.run_id, outcome, data, "resumed" if o.resume else "trained", started, o.note)
 
     members = opened
     settings = [o.spec.settings for o in opened]
@@ -167,11 +236,20 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
 
         def plain_epoch(epoch: int, metrics: dict[str, float], checkpoint: dict) -> None:
             on_epoch_end(0, epoch, metrics, lambda: checkpoint, checkpoint["stopped_early"] or epoch + 1 >= s.epochs)
+            if o.error is not None:  # the plain loop can stop here: nothing else trains with it
+                raise o.error
+            if o.lost:
+                raise ClaimLost(o.spec.key)
 
         try:
             result = train(s, data, resume=o.resume, on_epoch_end=plain_epoch, progress=progress,
                            should_stop=should_stop)
-        except TrainingDiverged as e:
+        except (TrainingDiverged, ClaimLost) as e:
+            on_done(0, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a write the store did not take
+            if e is not o.error:
+                raise
             on_done(0, e)
             return
         on_done(0, result)
@@ -198,6 +276,9 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
 
 
 def _stop(opened: list[_Open], tracker: tracking.Tracker, background: tracking.Background) -> None:
-    """An interrupt: the unit's unfinished runs end KILLED (resumable), after what was queued for them."""
+    """An interrupt: the unit's unfinished runs end KILLED (resumable), after what was queued for
+    them; then their claims go."""
     for o in opened:
-        background.submit(tracking.finish, tracker, o.run_id, "KILLED")
+        if not o.lost:
+            background.submit(tracking.finish, tracker, o.run_id, "KILLED")
+            background.submit(claims.release, tracker, o.spec.key)
