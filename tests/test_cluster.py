@@ -243,3 +243,45 @@ def test_a_dataset_is_downloaded_once_however_many_processes_ask(tmp_path: Path)
     with multiprocessing.get_context("fork").Pool(3) as pool:
         assert pool.map(_read, [str(tmp_path)] * 3) == [2, 2, 2]
     assert len((tmp_path / "downloads.log").read_text().split()) == 1
+
+
+def _ray_task_pids() -> list[int]:
+    """The Ray worker processes running a unit now (Ray titles them after the task's function)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::_unit_in_ray"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_ray_worker_killed_mid_cell_leaves_every_cell_finished_exactly_once(ray_cluster, write_yaml,
+                                                                             tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    path = write_yaml(STUDY.format(epochs=300).replace("beta: [1.0, 2.0]", "beta: [1.0]"))  # ae and vae
+    summary: list = []
+    runner = threading.Thread(target=lambda: summary.append(
+        run_experiment(load_experiment(path), progress=False, echo=lambda s: None, ray=RayOptions())))
+    runner.start()
+    checkpoints = lambda: list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt"))  # noqa: E731
+    wait_for(lambda: checkpoints() and _ray_task_pids(), "a unit with a checkpoint", 120)
+    time.sleep(1.0)
+    (victim, *_) = _ray_task_pids()
+    os.kill(victim, signal.SIGKILL)  # the worker dies mid-cell; Ray retries its task
+    runner.join(timeout=600)
+    assert not runner.is_alive() and summary and summary[0].exit_code == 0
+    assert len(summary[0].of("trained", "resumed")) == 2 and summary[0].of("resumed")
+
+    client = mlflow.MlflowClient(load_experiment(path).resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
+                              "tags.`vaebench.kind` = 'cell'")
+    assert sorted(r.info.run_name for r in runs) == ["ae-mlp-z2-b1-sum-digits-s0", "vae-mlp-z2-b1-sum-digits-s0"]
+    assert {r.info.status for r in runs} == {"FINISHED"}  # one run per cell, none left RUNNING
+    resumed = [r for r in runs if "vaebench.resumed_from_epoch" in r.data.tags]
+    assert len(resumed) == 1
+    steps = sorted(m.step for m in client.get_metric_history(resumed[0].info.run_id, "train/loss"))
+    assert steps == list(range(300)), "every epoch logged exactly once"
