@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from vaebench.report.vocabulary import filename_safe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,12 +26,6 @@ __all__ = ["build_report", "default_output", "filename_safe", "results_frame"]
 
 FORMATS = ("html", "csv")
 UI_METRICS = ("test/elbo", "test/nll_iw", "test/recon_mse", "test/kmeans_acc")  # columns of the MLflow UI view
-
-
-def filename_safe(name: str) -> str:
-    """A name (the experiment's, from the file) as a file name: letters, digits, `.`, `_` and `-`
-    only, so never a path (no `/`, no leading dots), at most 100 characters."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:100] or "report"
 
 
 def default_output(exp: Experiment, fmt: str = "html") -> Path:
@@ -103,7 +98,7 @@ def results_frame(data: ReportData) -> pd.DataFrame:
     metric, the raw-pixel baseline scores, training time and epochs, and the error of failed runs."""
     import pandas as pd
 
-    from vaebench.report.html import METRIC_COLUMNS
+    from vaebench.report.vocabulary import METRIC_COLUMNS
 
     frames = [f for f in (data.runs, data.failed) if len(f)]
     if not frames:

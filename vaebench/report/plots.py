@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
+
+from vaebench.report.vocabulary import METRIC_LABELS, ReportFigure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,16 +29,6 @@ DPI = 100
 PANEL = (4.2, 3.2)  # inches per facet
 REDUCTION_COLOURS = {"sum": "#1f77b4", "mean": "#d62728"}
 MAX_HUE_GROUPS = 10  # more curves than this: colour by family instead, one thin line per run
-
-
-@dataclass
-class ReportFigure:
-    id: str
-    title: str
-    how_to_read: str
-    png: bytes | None = None
-    skipped: str | None = None  # why the figure does not apply to this study
-    error: str | None = None    # the figure failed to draw
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -117,7 +108,6 @@ def outside_legend(ax: Any, title: str | None = None) -> None:
 
 
 def label_of(metric: str) -> str:
-    from vaebench.report.html import METRIC_LABELS
 
     return METRIC_LABELS.get(metric, metric)
 
