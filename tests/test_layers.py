@@ -33,3 +33,12 @@ def test_the_tuner_uses_the_helpers_and_registries_of_the_config_layer() -> None
     assert tune.SAMPLERS is config.SAMPLERS and tune.PRUNERS is config.PRUNERS
     assert storage.SAMPLERS is config.SAMPLERS
     assert plan.tune_base_settings is config.tune_base_settings and space.param_kind is config.param_kind
+
+
+def test_the_schema_is_the_bottom_and_the_loader_sits_above_the_matrix() -> None:
+    code = ("import sys; import vaebench.matrix; "
+            "print(sorted(m for m in sys.modules if m.startswith('vaebench.') and m != 'vaebench.matrix'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out)  # noqa: S307 - a list literal we printed ourselves
+    assert "vaebench.config.schema" in loaded and "vaebench.config.loader" not in loaded
+    assert not [m for m in loaded if m.startswith(("vaebench.runner", "vaebench.tune", "vaebench.units"))]

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vaebench.config import Experiment, RunSettings
+from vaebench.config.schema import Experiment, RunSettings
 
 KEY_EXCLUDES = {"device", "compile"}  # where and how a run executes, not what it is
 # Settings added after run keys were first written: in a key only when they differ from these
