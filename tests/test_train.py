@@ -22,6 +22,23 @@ class Stop(Exception):
     pass
 
 
+def checkpoint_after(s: RunSettings, data, epoch: int) -> dict:
+    """The checkpoint `train` hands out after `epoch` (then interrupted there), round-tripped
+    through torch.save / torch.load(weights_only=True) as the runner stores it."""
+    saved = {}
+
+    def interrupt(e: int, metrics: dict, checkpoint: dict) -> None:
+        if e == epoch:
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            saved["bytes"] = buf.getvalue()
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(s, data, on_epoch_end=interrupt, progress=False)
+    return torch.load(io.BytesIO(saved["bytes"]), weights_only=True)
+
+
 def test_training_reduces_the_validation_loss(tmp_path) -> None:
     data = load_dataset("digits", tmp_path)
     result = train(settings(epochs=6), data, progress=False)
@@ -35,19 +52,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path) -> None:
     data = load_dataset("digits", tmp_path)
     s = settings(binarization="dynamic", kl_anneal={"schedule": "linear", "epochs": 2})
     straight = train(s, data, progress=False)
-
-    saved = {}
-
-    def interrupt(epoch: int, metrics: dict, checkpoint: dict) -> None:
-        if epoch == 1:
-            buf = io.BytesIO()
-            torch.save(checkpoint, buf)
-            saved["bytes"] = buf.getvalue()
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(s, data, on_epoch_end=interrupt, progress=False)
-    checkpoint = torch.load(io.BytesIO(saved["bytes"]), weights_only=True)
+    checkpoint = checkpoint_after(s, data, epoch=1)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 2
     resumed = train(s, data, resume=checkpoint, progress=False)
     assert resumed.epochs_run == straight.epochs_run == 4
@@ -130,18 +135,7 @@ def test_lr_is_logged_and_a_resumed_schedule_continues_exactly(tmp_path) -> None
     s = settings(lr_schedule={"kind": "step", "step_size": 1, "gamma": 0.5}, binarization="dynamic")
     straight = train(s, data, progress=False)
     assert [h["train/lr"] for h in straight.history] == pytest.approx([3e-3, 1.5e-3, 7.5e-4, 3.75e-4])
-    saved = {}
-
-    def interrupt(epoch: int, metrics: dict, checkpoint: dict) -> None:
-        if epoch == 1:
-            buf = io.BytesIO()
-            torch.save(checkpoint, buf)
-            saved["bytes"] = buf.getvalue()
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(s, data, on_epoch_end=interrupt, progress=False)
-    resumed = train(s, data, resume=torch.load(io.BytesIO(saved["bytes"]), weights_only=True), progress=False)
+    resumed = train(s, data, resume=checkpoint_after(s, data, epoch=1), progress=False)
     assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in straight.history]
     assert [h["train/lr"] for h in resumed.history] == [h["train/lr"] for h in straight.history]
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
