@@ -67,6 +67,12 @@ def resolve_compile(setting: str, device: torch.device) -> str:
 # --- a vectorised Adam ---------------------------------------------------------------------------
 
 
+def captured(settings: RunSettings) -> bool:
+    """Whether a run's step is captured, which this engine does (alone or packed); otherwise a
+    lone run trains in the plain loop (vaebench.train)."""
+    return resolve_compile(settings.compile, resolve_device(settings.device)) == "graphs"
+
+
 class StackedAdam:
     """Adam and AdamW (torch.optim's update, with its defaults) over parameters stacked along a
     leading member axis: each member has its own lr, weight decay and flavour (L2 in the gradient
@@ -497,7 +503,7 @@ def train_one(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | 
     vaebench.train.train's. A diverged run raises TrainingDiverged, as there."""
     from vaebench.train import train
 
-    if resolve_compile(settings.compile, resolve_device(settings.device)) != "graphs":
+    if not captured(settings):
         return train(settings, data, resume=resume, on_epoch_end=on_epoch_end, progress=progress,
                      should_stop=should_stop)
 

@@ -189,7 +189,7 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
            should_stop: Callable[[], bool] | None) -> None:
     import torch
 
-    from vaebench.packed import resolve_compile, train_packed
+    from vaebench.packed import captured, train_packed
     from vaebench.train import TrainingDiverged, resolve_device, train
 
     def on_epoch_end(i: int, epoch: int, metrics: dict[str, float], make_checkpoint: Callable[[], dict],
@@ -230,7 +230,7 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
     settings = [o.spec.settings for o in opened]
     device = resolve_device(settings[0].device)
     how: dict[str, str] = {}
-    if len(opened) == 1 and resolve_compile(settings[0].compile, device) == "off":
+    if len(opened) == 1 and not captured(settings[0]):
         (o,) = opened
         s = settings[0]
 
