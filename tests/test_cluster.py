@@ -262,14 +262,16 @@ def test_a_ray_worker_killed_mid_cell_leaves_every_cell_finished_exactly_once(ra
     import signal
     import threading
 
-    path = write_yaml(STUDY.format(epochs=300).replace("beta: [1.0, 2.0]", "beta: [1.0]"))  # ae and vae
+    epochs = 1000  # a few seconds a cell: long enough that both are still training when one is killed
+    path = write_yaml(STUDY.format(epochs=epochs).replace("beta: [1.0, 2.0]", "beta: [1.0]"))  # ae and vae
     summary: list = []
     runner = threading.Thread(target=lambda: summary.append(
         run_experiment(load_experiment(path), progress=False, echo=lambda s: None, ray=RayOptions())))
     runner.start()
     checkpoints = lambda: list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt"))  # noqa: E731
-    wait_for(lambda: checkpoints() and _ray_task_pids(), "a unit with a checkpoint", 120)
-    time.sleep(1.0)
+    # Both cells run at once (2 CPUs, one cell per task on the CPU). Wait until each has a
+    # checkpoint, so whichever worker is killed, its cell has one to resume from.
+    wait_for(lambda: len(checkpoints()) == 2 and _ray_task_pids(), "two units with a checkpoint each", 300)
     (victim, *_) = _ray_task_pids()
     os.kill(victim, signal.SIGKILL)  # the worker dies mid-cell; Ray retries its task
     runner.join(timeout=600)
@@ -284,4 +286,4 @@ def test_a_ray_worker_killed_mid_cell_leaves_every_cell_finished_exactly_once(ra
     resumed = [r for r in runs if "vaebench.resumed_from_epoch" in r.data.tags]
     assert len(resumed) == 1
     steps = sorted(m.step for m in client.get_metric_history(resumed[0].info.run_id, "train/loss"))
-    assert steps == list(range(300)), "every epoch logged exactly once"
+    assert steps == list(range(epochs)), "every epoch logged exactly once"
