@@ -61,6 +61,20 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path) -> None:
         assert torch.equal(a, b), k
 
 
+def test_a_checkpoint_resumed_twice_gives_the_same_run_twice(tmp_path) -> None:
+    """`train` must not change the checkpoint it resumes from: the optimiser's state tensors are
+    its own, so a caller that keeps the dict (a retry, a benchmark's twins) starts from it again."""
+    data = load_dataset("digits", tmp_path)
+    s = settings()
+    checkpoint = checkpoint_after(s, data, epoch=1)
+    before = [t.clone() for t in checkpoint["optimizer"]["state"][0].values() if isinstance(t, torch.Tensor)]
+    first = train(s, data, resume=checkpoint, progress=False)
+    after = [t for t in checkpoint["optimizer"]["state"][0].values() if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the checkpoint's optimiser state changed"
+    second = train(s, data, resume=checkpoint, progress=False)
+    assert [h["train/loss"] for h in second.history] == [h["train/loss"] for h in first.history]
+
+
 def test_early_stopping_keeps_the_best_model(tmp_path) -> None:
     data = load_dataset("digits", tmp_path)
     # a learning rate this large makes the validation loss worse after the first epochs

@@ -202,7 +202,7 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     record = Record()
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        optimizer.load_state_dict(copy.deepcopy(resume["optimizer"]))  # it updates its state in place
         streams.set_state(resume["rng"])
         record = Record.from_checkpoint(resume)
 
