@@ -1,0 +1,38 @@
+"""The benchmark scripts that run on the CPU still run: each at its smallest, on embedded data.
+(Their figures are taken by hand and recorded in benchmarks/README.md; here only that they work
+and that what they print holds together.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_twins_prints_each_cell_with_its_twins_and_their_gap(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_twins.py"), "--dataset", "digits",
+                          "--data-dir", str(tmp_path), "--epochs", "2", "--twins", "2", "--test-samples", "100",
+                          "--iw-samples", "10", "--latent", "4", "--beta", "2"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("vae-mlp-z4-b2-sum")]
+    reference = float(re.search(r"reference test/elbo (-?[\d.]+)", line).group(1))
+    twins = [float(v) for v in re.search(r"perturbed twins ([-\d., ]+);", line).group(1).split(", ")]
+    gap = float(re.search(r"\|gap\| max ([\d.]+)", line).group(1))
+    assert len(twins) == 2 and reference < 0
+    assert gap == pytest.approx(max(abs(t - reference) for t in twins), abs=0.01)
+    assert gap < 0.5, "one-ulp perturbations stay small over two epochs"
+    packed = re.search(r"packed beside a sibling \(K=2, cpu, eager\): test/elbo (-?[\d.]+), \|gap\| ([\d.]+) nats", out.stdout)
+    assert packed and abs(float(packed.group(1)) - reference) < 0.5
+
+
+def test_bench_twins_refuses_unpaired_latent_and_beta() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_twins.py"), "--latent", "2", "16",
+                          "--beta", "1"], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--latent and --beta pair up" in out.stderr
