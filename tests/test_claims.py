@@ -121,9 +121,29 @@ def test_a_cell_claimed_elsewhere_is_left_out_of_its_unit_then_taken_over_when_t
     from vaebench.matrix import expand
 
     first, second, third = expand(exp)
-    fake_claim(tracker, first.key, host="elsewhere", pid=1, beat_age=0)  # alive now, silent from now on
+    # The rival beats until our runner says it waits for it (however long the two other cells
+    # take on a loaded machine), then falls silent: its claim expires 2 s later and is taken over.
     lines: list[str] = []
-    summary = run_experiment(exp, pack=3, progress=False, echo=lines.append)  # one unit of the three cells
+    waiting = threading.Event()
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("waiting for"):
+            waiting.set()
+
+    def rival() -> None:
+        while not waiting.is_set():
+            fake_claim(tracker, first.key, host="elsewhere", pid=1, beat_age=0)
+            waiting.wait(0.3)
+
+    fake_claim(tracker, first.key, host="elsewhere", pid=1, beat_age=0)
+    beating = threading.Thread(target=rival, daemon=True)
+    beating.start()
+    try:
+        summary = run_experiment(exp, pack=3, progress=False, echo=echo)  # one unit of the three cells
+    finally:
+        waiting.set()
+        beating.join(timeout=30)
     assert summary.exit_code == 0 and len(summary.of("trained")) == 3 and not summary.of("claimed")
     text = "\n".join(lines)
     assert f"{first.name}: left out, being trained by elsewhere pid 1" in text
