@@ -4,7 +4,7 @@
 - `runs_of`: the cell runs of a store, read back with a plain MlflowClient;
 - `stop_after_checkpoint`: a `should_stop` that interrupts an in-process sweep of one cell at the
   start of its second epoch, once its first checkpoint is written (the run ends KILLED, with a
-  checkpoint: something to resume);
+  checkpoint: something to resume); `interrupted_run` runs such a sweep;
 - `vaebench`: a `vaebench run` subprocess (`python -m vaebench`);
 - `MlflowServer`: `mlflow server` on 127.0.0.1 and a free port, started, killed and restarted by a
   test, with a SQLite backend and a local artifact folder.
@@ -21,7 +21,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 STUDY = """
 name: faults
@@ -57,6 +57,32 @@ def runs_of(uri: str, experiment: str = "faults", kind: str = "cell") -> list[An
 
 def checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("**/checkpoints/last.pt"))
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+class Interrupted(NamedTuple):
+    path: Path  # the experiments file
+    exp: Any  # its Experiment
+    uri: str  # its tracking store
+    checkpoint: Path  # the one cell's checkpoint, written after epoch 0
+
+
+def interrupted_run(folder: Path, epochs: int = 3) -> Interrupted:
+    """A study of one cell in `folder`, interrupted after its first checkpoint (the run KILLED)."""
+    import pytest
+
+    from vaebench.config import load_experiment
+    from vaebench.runner import run_experiment
+
+    path = study_file(folder, epochs=epochs)
+    exp = load_experiment(path)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, progress=False, echo=quiet, should_stop=stop_after_checkpoint(folder))
+    (checkpoint,) = checkpoints(folder)
+    return Interrupted(path, exp, exp.resolved_tracking_uri(), checkpoint)
 
 
 def stop_after_checkpoint(folder: Path, batches_per_epoch: int = 10) -> Callable[[], bool]:

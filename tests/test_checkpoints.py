@@ -13,24 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from faultlib import checkpoints, runs_of, stop_after_checkpoint, study_file
+from faultlib import interrupted_run, runs_of
 from vaebench import cli, tracking
-from vaebench.config import load_experiment
-from vaebench.runner import run_experiment
-
-
-def quiet(_: str) -> None:
-    pass
-
-
-def interrupted_run(tmp_path: Path, epochs: int = 3) -> tuple[Path, str, Path]:
-    """A study whose one cell was interrupted after its first checkpoint: (file, store, checkpoint)."""
-    path = study_file(tmp_path, epochs=epochs)
-    exp = load_experiment(path)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(exp, progress=False, echo=quiet, should_stop=stop_after_checkpoint(tmp_path))
-    (checkpoint,) = checkpoints(tmp_path)
-    return path, exp.resolved_tracking_uri(), checkpoint
 
 
 def damage(checkpoint: Path, how: str) -> None:
@@ -48,7 +32,7 @@ def damage(checkpoint: Path, how: str) -> None:
                                          ("cut short", False)])
 def test_a_damaged_checkpoint_is_one_line_and_the_cell_trains_again_in_a_new_run(
         tmp_path: Path, capsys: pytest.CaptureFixture, how: str, digest: bool) -> None:
-    path, uri, checkpoint = interrupted_run(tmp_path)
+    path, _, uri, checkpoint = interrupted_run(tmp_path)
     (killed,) = runs_of(uri)
     assert killed.info.status == "KILLED"
     assert tracking.DIGEST_TAGS[tracking.CHECKPOINT_PATH] in killed.data.tags
@@ -83,7 +67,7 @@ def test_a_failed_write_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypat
     """ENOSPC (or EROFS, EACCES) while a new checkpoint is written: an error that names the file,
     the old one byte for byte in place, no temporary file left, and the old one still verifies
     although the digest tag already announced the new one."""
-    _, uri, checkpoint = interrupted_run(tmp_path)
+    _, _, uri, checkpoint = interrupted_run(tmp_path)
     (run,) = runs_of(uri)
     tracker = tracking.connect(uri, "faults")
     good = checkpoint.read_bytes()

@@ -12,23 +12,15 @@ import mlflow
 import pytest
 import torch
 
-from faultlib import checkpoints, runs_of, stop_after_checkpoint, study_file
+from faultlib import checkpoints, interrupted_run, quiet, runs_of, study_file
 from vaebench import cli, tracking
 from vaebench.config import load_experiment
 from vaebench.runner import run_experiment
 
 
-def quiet(_: str) -> None:
-    pass
-
-
 def test_a_nan_in_training_fails_the_cell_at_its_epoch_and_is_not_resumed_blindly(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = study_file(tmp_path, epochs=3)
-    exp = load_experiment(path)
-    uri = exp.resolved_tracking_uri()
-    with pytest.raises(KeyboardInterrupt):  # a checkpoint after epoch 0, then stopped
-        run_experiment(exp, progress=False, echo=quiet, should_stop=stop_after_checkpoint(tmp_path))
+    path, exp, uri, _ = interrupted_run(tmp_path)  # a checkpoint after epoch 0, then stopped
     (killed,) = runs_of(uri)
     tracker = tracking.connect(uri, "faults")
     checkpoint = tracking.load_torch(tracker, killed.info.run_id, tracking.CHECKPOINT_PATH)

@@ -14,15 +14,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from faultlib import (MlflowServer, Output, ReadOnly, Tmpfs, checkpoints, runs_of, stop_after_checkpoint, study_file,
+from faultlib import (MlflowServer, Output, ReadOnly, Tmpfs, checkpoints, interrupted_run, quiet, runs_of, study_file,
                       vaebench, wait_for)
 from vaebench import claims, tracking
 from vaebench.config import load_experiment
 from vaebench.runner import run_experiment
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def full_disk_at_fsync(fd: int) -> None:
@@ -37,12 +33,7 @@ def test_a_store_that_cannot_take_a_checkpoint_fails_the_cell_and_keeps_the_last
     if disk is not None and not disk.possible:
         pytest.skip("mounting a tmpfs needs root")
     try:
-        path = study_file(tmp_path, epochs=3)
-        exp = load_experiment(path)
-        uri = exp.resolved_tracking_uri()
-        with pytest.raises(KeyboardInterrupt):  # a checkpoint after epoch 0, then stopped
-            run_experiment(exp, progress=False, echo=quiet, should_stop=stop_after_checkpoint(tmp_path))
-        (checkpoint,) = checkpoints(tmp_path)
+        path, exp, uri, checkpoint = interrupted_run(tmp_path)  # a checkpoint after epoch 0, then stopped
         good = checkpoint.read_bytes()
 
         read_only = ReadOnly(artifacts) if "read-only" in fault else None
