@@ -71,7 +71,9 @@ def test_a_checkpoint_resumed_twice_gives_the_same_run_twice(tmp_path) -> None:
     first = train(s, data, resume=checkpoint, progress=False)
     after = [t for t in checkpoint["optimizer"]["state"][0].values() if isinstance(t, torch.Tensor)]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "the checkpoint's optimiser state changed"
+    assert len(checkpoint["history"]) == 2, "the checkpoint's history grew"
     second = train(s, data, resume=checkpoint, progress=False)
+    assert len(first.history) == len(second.history) == 4
     assert [h["train/loss"] for h in second.history] == [h["train/loss"] for h in first.history]
 
 

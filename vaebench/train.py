@@ -112,7 +112,8 @@ class Record:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> Record:
-        return cls(**{f.name: checkpoint[f.name] for f in fields(cls)})
+        # a copy, as `checkpoint` gives one: the history grows in place, the caller's dict must not
+        return cls(**copy.deepcopy({f.name: checkpoint[f.name] for f in fields(cls)}))
 
     def checkpoint(self) -> dict[str, Any]:
         return copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)})
