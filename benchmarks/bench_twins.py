@@ -68,8 +68,7 @@ def twins(args: argparse.Namespace, latent: int, beta: float, data, protocol) ->
     train(settings.model_copy(update={"epochs": 1}), data, progress=False,
           on_epoch_end=lambda epoch, metrics, ckpt: first.update(ckpt))
     t0 = time.perf_counter()
-    # a copy each time: the optimiser takes over the checkpoint's state tensors and updates them in place
-    plain = train(settings, data, resume=copy.deepcopy(first), progress=False)
+    plain = train(settings, data, resume=first, progress=False)  # train and train_packed leave `first` as it is
     reference = test_elbo(plain, settings, data, protocol)
     seconds = time.perf_counter() - t0
     others = [test_elbo(train(settings, data, resume=perturbed(first, seed), progress=False), settings, data, protocol)
@@ -89,10 +88,10 @@ def packed_twin(settings, data, first: dict, plain, reference: float, protocol) 
     from vaebench.packed import train_packed
 
     sibling = settings.model_copy(update={"seed": settings.seed + 1})
-    result, _ = train_packed([settings, sibling], data, resumes=[copy.deepcopy(first), None], progress=False)
-    where = "captured" if result.how.get("vaebench.step") == "cuda-graph" else "eager"
+    result, _ = train_packed([settings, sibling], data, resumes=[first, None], progress=False)
     if isinstance(result, Exception):
         raise result
+    where = "captured" if result.how.get("vaebench.step") == "cuda-graph" else "eager"
     same = all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values()))
     elbo = test_elbo(result, settings, data, protocol)
     return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, |gap| {abs(elbo - reference):.2f} nats; "
