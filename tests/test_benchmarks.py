@@ -36,3 +36,18 @@ def test_bench_twins_refuses_unpaired_latent_and_beta() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_twins.py"), "--latent", "2", "16",
                           "--beta", "1"], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--latent and --beta pair up" in out.stderr
+
+
+def test_bench_step_counts_fewer_kernels_for_the_flat_update(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--dataset", "digits",
+                          "--data-dir", str(tmp_path), "--arch", "tiny", "--members", "1", "3", "--steps", "2"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("tiny ")]
+    assert [int(r[1]) for r in rows] == [1, 3]
+    for _, _, base, flat, ratio, base_update, flat_update, base_ms, flat_ms, speedup in rows:
+        assert int(flat_update) < int(base_update) and int(flat) < int(base)
+        # the update is where they differ (the flat one may copy a non-contiguous gradient into place)
+        assert 0 < int(base) - int(flat) <= int(base_update) - int(flat_update)
+        assert float(ratio[:-1]) == pytest.approx(int(base) / int(flat), abs=0.01)
+        assert float(base_ms) > 0 and float(flat_ms) > 0

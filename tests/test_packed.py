@@ -246,3 +246,38 @@ def test_every_family_captures_its_packed_step_on_cuda(digits, family: str) -> N
     assert graphs[0].how["vaebench.step"] == "cuda-graph", graphs[0].how.get("vaebench.step.fallback")
     for g, e in zip(graphs, eager):
         assert_same_training(e, g, rtol=1e-4, atol=1e-5, weights_rtol=1e-3)
+
+
+def test_stacked_adam_updates_one_flat_buffer_whatever_the_number_of_parameters() -> None:
+    """Its update launches the same few element-wise kernels for 2 parameter tensors or 20 (once
+    per parameter, a small model's packed step was mostly optimiser kernels), and the parameters
+    are views of its buffer, so they see every update and survive members leaving."""
+    from torch.profiler import ProfilerActivity, profile
+
+    members = [cell(lr=1e-3), cell(lr=1e-2, weight_decay=0.1), cell(optimizer="adamw", weight_decay=0.2)]
+
+    def ops_per_update(n_params: int) -> int:
+        adam = StackedAdam([torch.randn(3, 4, 5) for _ in range(n_params)], members)
+        grads = [torch.randn(3, 4, 5) for _ in range(n_params)]
+        adam.update(grads)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            adam.update(grads)
+        views = ("aten::reshape", "aten::view", "aten::unsqueeze")  # no kernel
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+                   and e.name not in views)
+
+    assert ops_per_update(20) == ops_per_update(2)
+
+    adam = StackedAdam([torch.randn(3, 4, 5), torch.randn(3, 7)], members)
+    for p in adam.params:
+        assert p.untyped_storage().data_ptr() == adam.flat.untyped_storage().data_ptr()
+    adam.update([torch.randn(3, 4, 5), torch.randn(3, 7)])
+    before = [p[[0, 2]].clone() for p in adam.params]
+    moments = adam.member_state(2, torch.optim.AdamW([torch.zeros(1)]).state_dict())
+    adam.keep(torch.tensor([0, 2]))
+    assert adam.flat.shape == (2, 27)
+    for p, b in zip(adam.params, before):
+        torch.testing.assert_close(p, b)
+        assert p.untyped_storage().data_ptr() == adam.flat.untyped_storage().data_ptr()
+    after = adam.member_state(1, torch.optim.AdamW([torch.zeros(1)]).state_dict())
+    torch.testing.assert_close(after["state"][1]["exp_avg"], moments["state"][1]["exp_avg"])

@@ -64,76 +64,100 @@ def resolve_compile(setting: str, device: torch.device) -> str:
     return setting
 
 
-# --- a vectorised Adam ---------------------------------------------------------------------------
-
-
 def captured(settings: RunSettings) -> bool:
     """Whether a run's step is captured, which this engine does (alone or packed); otherwise a
     lone run trains in the plain loop (vaebench.train)."""
     return resolve_compile(settings.compile, resolve_device(settings.device)) == "graphs"
 
 
+# --- a vectorised Adam ---------------------------------------------------------------------------
+
+
+def flat_views(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    """Views (M, *shape) into a (M, P) buffer, one per shape, laid out one after the other."""
+    views, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[:, start:start + n].view(flat.shape[0], *shape))
+        start += n
+    return views
+
+
 class StackedAdam:
     """Adam and AdamW (torch.optim's update, with its defaults) over parameters stacked along a
     leading member axis: each member has its own lr, weight decay and flavour (L2 in the gradient
     for `adam`, decoupled decay for `adamw`). All state lives on the device and the update issues
-    no host synchronisation, so it can be captured in a CUDA graph."""
+    no host synchronisation, so it can be captured in a CUDA graph.
+
+    The parameters are copied into one (M, P) buffer that the optimiser owns; `params` are views of
+    it, one per parameter. So an update is about ten element-wise kernels over that buffer whatever
+    the number of parameters, not ten per parameter: a small model's step is bound by how many
+    kernels it launches, not by their arithmetic (benchmarks/bench_step.py counts them)."""
 
     def __init__(self, params: list[Tensor], members: list[RunSettings]):
         device = params[0].device
-        self.params = params
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.shapes = [p.shape[1:] for p in params]
+        self.flat = torch.cat([p.detach().reshape(len(members), -1) for p in params], 1)  # (M, P)
+        self.params = flat_views(self.flat, self.shapes)
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
         self.step = torch.zeros(len(members), device=device, dtype=torch.float64)  # (M,)
         self.lr = torch.tensor([s.lr for s in members], device=device, dtype=torch.float64)
         wd = torch.tensor([s.weight_decay for s in members], device=device)
         decoupled = torch.tensor([s.optimizer == "adamw" for s in members], device=device)
-        self.l2 = torch.where(decoupled, 0.0, wd)  # (M,) added to the gradient (Adam)
-        self.decay = torch.where(decoupled, wd, 0.0)  # (M,) decoupled (AdamW)
+        self.l2 = torch.where(decoupled, 0.0, wd).unsqueeze(1)  # (M, 1) added to the gradient (Adam)
+        self.decay = torch.where(decoupled, wd, 0.0).unsqueeze(1)  # (M, 1) decoupled (AdamW)
+        # kernels that would only add zeros are left out (a member that leaves keeps them in: still exact)
+        self.uses_l2 = any(s.weight_decay and s.optimizer != "adamw" for s in members)
+        self.uses_decay = any(s.weight_decay and s.optimizer == "adamw" for s in members)
 
     def state_tensors(self) -> list[Tensor]:
-        return [*self.exp_avg, *self.exp_avg_sq, self.step]
+        """Every tensor an update changes in place (the parameters are views of `flat`)."""
+        return [self.flat, self.exp_avg, self.exp_avg_sq, self.step]
 
     @torch.no_grad()
     def update(self, grads: list[Tensor]) -> None:
         b1, b2 = ADAM_BETAS
         self.step += 1
         # bias corrections in float64 like torch's (python floats there), then per-member factors
-        step_size = (self.lr / (1 - b1 ** self.step)).float()  # (M,)
-        bc2_sqrt = (1 - b2 ** self.step).sqrt().float()
-        lr = self.lr.float()
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            view = (-1,) + (1,) * (p.ndim - 1)
-            g = g + self.l2.view(view) * p
-            p.mul_(1 - (lr * self.decay).view(view))
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt.view(view)).add_(ADAM_EPS)
-            p.sub_(step_size.view(view) * m / denom)
+        step_size = (self.lr / (1 - b1 ** self.step)).float().unsqueeze(1)  # (M, 1)
+        bc2_sqrt = (1 - b2 ** self.step).sqrt().float().unsqueeze(1)
+        p, m, v = self.flat, self.exp_avg, self.exp_avg_sq
+        g = torch.cat([g.reshape(len(p), -1) for g in grads], 1)  # (M, P), in the order of `flat`
+        if self.uses_l2:
+            g = g + self.l2 * p
+        if self.uses_decay:
+            p.mul_(1 - self.lr.float().unsqueeze(1) * self.decay)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = torch.sqrt(v).div_(bc2_sqrt).add_(ADAM_EPS)
+        p.addcdiv_(step_size * m, denom, value=-1.0)
 
     def member_state(self, m: int, template: dict[str, Any]) -> dict[str, Any]:
         """Member m's state as torch.optim's `state_dict()` (`template`: that optimiser's empty one)."""
         out = copy.deepcopy(template)
         step = self.step[m].float().cpu()
+        moments = zip(flat_views(self.exp_avg, self.shapes), flat_views(self.exp_avg_sq, self.shapes))
         out["state"] = {i: {"step": step.clone(), "exp_avg": a[m].detach().cpu().clone(),
                             "exp_avg_sq": s[m].detach().cpu().clone()}
-                        for i, (a, s) in enumerate(zip(self.exp_avg, self.exp_avg_sq))}
+                        for i, (a, s) in enumerate(moments)}
         return out
 
     @torch.no_grad()
     def load_member_state(self, m: int, state: dict[str, Any]) -> None:
         """Load a torch.optim `state_dict()` into member m (moments of parameters it never stepped stay 0)."""
-        for i, (a, s) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+        moments = zip(flat_views(self.exp_avg, self.shapes), flat_views(self.exp_avg_sq, self.shapes))
+        for i, (a, s) in enumerate(moments):
             if i in state["state"]:
                 a[m].copy_(state["state"][i]["exp_avg"])
                 s[m].copy_(state["state"][i]["exp_avg_sq"])
                 self.step[m] = float(state["state"][i]["step"])
 
     def keep(self, index: Tensor) -> None:
-        for name in ("exp_avg", "exp_avg_sq"):
-            setattr(self, name, [t.index_select(0, index) for t in getattr(self, name)])
-        for name in ("step", "lr", "l2", "decay"):
+        """Keep only the members at `index` (stack order); `params` are new views afterwards."""
+        for name in ("flat", "exp_avg", "exp_avg_sq", "step", "lr", "l2", "decay"):
             setattr(self, name, getattr(self, name).index_select(0, index))
+        self.params = flat_views(self.flat, self.shapes)
 
 
 # --- the objective of one member, as a module for functional_call --------------------------------
@@ -190,9 +214,9 @@ class Pack:
             self.members.append(Member(s, streams, record, template, i))
         self.base = _Objective(copy.deepcopy(models[0]).to("meta"), tuple(dict.fromkeys(s.likelihood for s in members)))
         params, buffers = stack_module_state(models)
-        self.params = {k: v.detach().requires_grad_() for k, v in params.items()}  # (M, ...) leaves
         self.buffers = dict(buffers)
-        self.optimizer = StackedAdam(list(self.params.values()), members)
+        self.optimizer = StackedAdam(list(params.values()), members)
+        self._params_from_optimizer(list(params))
         for m, resume in enumerate(resumes):
             if resume is not None:
                 self.optimizer.load_member_state(m, resume["optimizer"])
@@ -213,9 +237,13 @@ class Pack:
     def model(self) -> AutoEncoder:
         return self.base.model
 
+    def _params_from_optimizer(self, names: list[str]) -> None:
+        """The (M, ...) parameter leaves: the optimiser's views of its flat buffer."""
+        self.params = {k: v.requires_grad_() for k, v in zip(names, self.optimizer.params)}
+
     def state_tensors(self) -> list[Tensor]:
-        """Every tensor a training step changes in place."""
-        return [*self.params.values(), *self.buffers.values(), *self.optimizer.state_tensors()]
+        """Every tensor a training step changes in place (the parameters live in the optimiser's)."""
+        return [*self.buffers.values(), *self.optimizer.state_tensors()]
 
     def prefixed(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return ({f"model.{k}": v for k, v in self.params.items()}, {f"model.{k}": v for k, v in self.buffers.items()})
@@ -253,10 +281,9 @@ class Pack:
         device = self.beta.device
         index = torch.tensor(positions, device=device, dtype=torch.long)
         with torch.no_grad():
-            self.params = {k: v.index_select(0, index).detach().requires_grad_() for k, v in self.params.items()}
             self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
-        self.optimizer.params = list(self.params.values())
-        self.optimizer.keep(index)
+            self.optimizer.keep(index)
+        self._params_from_optimizer(list(self.params))
         for name in ("recon_scale", "beta", "log_sigma", "likelihood"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.eff_beta = [self.eff_beta[p] for p in positions]
