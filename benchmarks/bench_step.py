@@ -24,6 +24,7 @@ For each architecture and pack size, both updates are measured in the same run, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -134,7 +135,7 @@ def seconds_per_step(step, device: torch.device, n: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="mnist5k")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--data-dir", default=os.environ.get("VAEBENCH_DATA_DIR", "./data"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--arch", nargs="+", default=["tiny", "mlp", "conv"], choices=["tiny", "mlp", "conv"],
