@@ -248,6 +248,28 @@ def test_every_family_captures_its_packed_step_on_cuda(digits, family: str) -> N
         assert_same_training(e, g, rtol=1e-4, atol=1e-5, weights_rtol=1e-3)
 
 
+@cuda
+def test_the_memory_estimate_covers_what_each_member_adds_on_cuda(digits) -> None:
+    """vaebench.plan.member_bytes against the peak it estimates: what two more members add to a
+    captured pack's peak allocation (constants such as cuBLAS's workspace cancel out)."""
+    from vaebench.plan import member_bytes
+
+    def peak(k: int) -> int:
+        members = [cell(device="cuda", seed=i, epochs=1, arch_options={"mlp": {"hidden": [400, 400]}})
+                   for i in range(k)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        assert train_packed(members, digits, progress=False)[0].how["vaebench.step"] == "cuda-graph"
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak(2)  # lazy initialisations (cuBLAS, the split on the device) out of the way
+    added = peak(4) - peak(2)
+    estimate = 2 * member_bytes(cell(arch_options={"mlp": {"hidden": [400, 400]}}), digits.shape)
+    assert added <= estimate <= 5 * added, (added, estimate)
+
+
 def test_stacked_adam_updates_one_flat_buffer_whatever_the_number_of_parameters() -> None:
     """Its update launches the same few element-wise kernels for 2 parameter tensors or 20 (once
     per parameter, a small model's packed step was mostly optimiser kernels), and the parameters

@@ -95,9 +95,12 @@ def make_units(items: list[Any], settings_of, limit: int) -> list[Unit]:
 
 
 def member_bytes(settings: RunSettings, shape: tuple[int, int, int]) -> int:
-    """Estimated device memory of one member of a pack during a training step: parameters,
-    gradients and two Adam moments, plus the activations of a batch (kept for the backward pass,
-    their gradients, and temporaries: 3x), found by running the model on the `meta` device."""
+    """Estimated device memory of one member of a pack at its peak, while its step is captured:
+    10x the parameters (the parameters and two Adam moments; the copy of those three that the
+    capture keeps to undo its warm-up steps; the gradients and the update's three temporaries of
+    their size, the gradients gathered into the flat layout, the denominator and the step:
+    vaebench.packed), plus the activations of a batch (kept for the backward pass, their
+    gradients, and temporaries: 3x), found by running the model on the `meta` device."""
     import torch
 
     from vaebench.train import build_for
@@ -119,7 +122,7 @@ def member_bytes(settings: RunSettings, shape: tuple[int, int, int]) -> int:
               None if eps_shape is None else torch.empty(eps_shape, device="meta"))
     params = sum(p.numel() for p in model.parameters())
     inputs = 3 * b * math.prod(shape)  # the batch, its binarization and corruption noise
-    return 4 * (4 * params + 3 * sum(sizes) + inputs)
+    return 4 * (10 * params + 3 * sum(sizes) + inputs)
 
 
 def memory_cap(settings: RunSettings, data: Dataset, device: torch.device) -> int:
