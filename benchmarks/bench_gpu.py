@@ -172,13 +172,15 @@ def warm_baselines(args: argparse.Namespace) -> None:
         print(f"raw-pixel baseline ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def recorded_baseline(path: str) -> tuple[float, dict[str, float], int]:
-    """The one-cell-at-a-time side of an earlier full run of this script (its printed output)."""
+def recorded_baseline(path: str) -> tuple[float, dict[str, tuple[float, int | None]], int]:
+    """The one-cell-at-a-time side of an earlier full run of this script (its printed output):
+    each cell's test/elbo and, where the run printed it, its best epoch."""
     import re
 
     text = Path(path).read_text()
     wall = float(re.search(r"one cell at a time (\d+(?:\.\d+)?) s", text).group(1))
-    cells = {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (\S+): (-?[\d.]+) vs", text, re.M)}
+    cells = {m.group(1): (float(m.group(2)), int(m.group(3)) if m.group(3) else None)
+             for m in re.finditer(r"^  (\S+): (-?[\d.]+) vs \S+(?: \(best epoch (\d+) vs)?", text, re.M)}
     print(f"one-cell-at-a-time figures from {path}: {wall:.0f} s, {len(cells)} cells", flush=True)
     return wall, cells, 0
 
@@ -188,6 +190,7 @@ def part_matrix(args: argparse.Namespace) -> list[str]:
     from vaebench.runner import run_experiment
 
     def run(pack: str, compile_: str, eval_workers: str) -> tuple[float, dict, int, list]:
+        """Wall seconds, {cell: (test/elbo, best epoch)}, exit code, timeline."""
         import mlflow
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -202,8 +205,9 @@ def part_matrix(args: argparse.Namespace) -> list[str]:
             client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlruns.db")
             exp = client.get_experiment_by_name("bench-gpu-matrix")
             runs = client.search_runs([exp.experiment_id], "tags.`vaebench.kind` = 'cell'")
-            elbo = {r.info.run_name: r.data.metrics.get("test/elbo", float("nan")) for r in runs}
-            return wall, elbo, summary.exit_code, timeline(client, runs, summary.parent_run_id)
+            cells = {r.info.run_name: (r.data.metrics.get("test/elbo", float("nan")),
+                                       int(r.data.metrics.get("train/best_epoch", -1))) for r in runs}
+            return wall, cells, summary.exit_code, timeline(client, runs, summary.parent_run_id)
 
     warm_baselines(args)
     if args.baseline_from:  # a recorded one-at-a-time run of the same study (it takes ~11 min on an H100)
@@ -214,11 +218,18 @@ def part_matrix(args: argparse.Namespace) -> list[str]:
     lines = [f"32-cell {args.matrix_dataset} study, {args.matrix_epochs} epochs, k={args.iw_samples}: "
              f"one cell at a time {base_wall:.0f} s{source}, exit code {c1}"]
     wall, packed, code, steps = run("auto", "auto", "auto")
-    diffs = [abs(base[k] - packed[k]) for k in base if k in packed] or [float("nan")]
+    diffs = [abs(base[k][0] - packed[k][0]) for k in base if k in packed] or [float("nan")]
+    # the evaluated weights are each run's best epoch (by validation loss): twins that pick
+    # different epochs are a whole epoch of training apart, whatever the rounding
+    same = [abs(base[k][0] - packed[k][0]) for k in base if k in packed and base[k][1] == packed[k][1]]
     lines += [f"packed: {wall:.0f} s -> x{base_wall / wall:.1f} (exit code {code}); |test/elbo packed - "
-              f"unpacked| max {max(diffs):.2f} nats, mean {statistics.mean(diffs):.2f} over {len(diffs)} cells",
+              f"unpacked| max {max(diffs):.2f} nats, mean {statistics.mean(diffs):.2f} over {len(diffs)} cells; "
+              f"over the {len(same)} whose best epoch is the same: max "
+              f"{max(same, default=float('nan')):.2f}, mean {statistics.mean(same) if same else float('nan'):.2f}",
               *steps]
-    lines += [f"  {k}: {base[k]:.2f} vs {packed.get(k, float('nan')):.2f}" for k in sorted(base)]
+    nan = (float("nan"), None)
+    lines += [f"  {k}: {base[k][0]:.2f} vs {packed.get(k, nan)[0]:.2f} (best epoch "
+              f"{'?' if base[k][1] is None else base[k][1]} vs {packed.get(k, nan)[1]})" for k in sorted(base)]
     return lines
 
 

@@ -71,12 +71,15 @@ def twins(args: argparse.Namespace, latent: int, beta: float, data, protocol) ->
     plain = train(settings, data, resume=first, progress=False)  # train and train_packed leave `first` as it is
     reference = test_elbo(plain, settings, data, protocol)
     seconds = time.perf_counter() - t0
-    others = [test_elbo(train(settings, data, resume=perturbed(first, seed), progress=False), settings, data, protocol)
-              for seed in range(1, args.twins + 1)]
+    trained = [train(settings, data, resume=perturbed(first, seed), progress=False) for seed in range(1, args.twins + 1)]
+    others = [test_elbo(t, settings, data, protocol) for t in trained]
     gaps = [abs(e - reference) for e in others]
+    # the evaluated weights are each twin's best epoch by validation loss: twins that pick
+    # different epochs are a whole epoch of training apart, whatever the rounding
     lines = [f"vae-mlp-z{latent}-b{beta:g}-sum ({args.epochs} epochs, {seconds:.0f} s a twin): reference test/elbo "
              f"{reference:.2f}; perturbed twins " + ", ".join(f"{e:.2f}" for e in others)
-             + f"; |gap| max {max(gaps):.2f}, mean {sum(gaps) / len(gaps):.2f} nats"]
+             + f"; |gap| max {max(gaps):.2f}, mean {sum(gaps) / len(gaps):.2f} nats; best epochs: reference "
+             f"{plain.best_epoch}, twins " + ", ".join(str(t.best_epoch) for t in trained)]
     if args.packed:
         lines.append(packed_twin(settings, data, first, plain, reference, protocol))
     return lines
@@ -94,8 +97,9 @@ def packed_twin(settings, data, first: dict, plain, reference: float, protocol) 
     where = "captured" if result.how.get("vaebench.step") == "cuda-graph" else "eager"
     same = all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values()))
     elbo = test_elbo(result, settings, data, protocol)
-    return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, |gap| {abs(elbo - reference):.2f} nats; "
-            f"parameters {'bit-identical to' if same else 'not bit-identical to'} the plain loop's")
+    return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, |gap| {abs(elbo - reference):.2f} nats "
+            f"(best epoch {result.best_epoch}); parameters {'bit-identical to' if same else 'not bit-identical to'} "
+            f"the plain loop's")
 
 
 def main() -> None:

@@ -28,8 +28,12 @@ def test_bench_twins_prints_each_cell_with_its_twins_and_their_gap(tmp_path: Pat
     assert len(twins) == 2 and reference < 0
     assert gap == pytest.approx(max(abs(t - reference) for t in twins), abs=0.01)
     assert gap < 0.5, "one-ulp perturbations stay small over two epochs"
-    packed = re.search(r"packed beside a sibling \(K=2, cpu, eager\): test/elbo (-?[\d.]+), \|gap\| ([\d.]+) nats", out.stdout)
-    assert packed and abs(float(packed.group(1)) - reference) < 0.5
+    best = re.search(r"best epochs: reference (\d+), twins ([\d, ]+)$", line)
+    epochs = [int(best.group(1))] + [int(e) for e in best.group(2).split(", ")]
+    assert len(epochs) == 3 and all(e in (0, 1) for e in epochs)  # two epochs: 0 or 1
+    packed = re.search(r"packed beside a sibling \(K=2, cpu, eager\): test/elbo (-?[\d.]+), \|gap\| ([\d.]+) nats "
+                       r"\(best epoch (\d)\)", out.stdout)
+    assert packed and abs(float(packed.group(1)) - reference) < 0.5 and int(packed.group(3)) in (0, 1)
 
 
 def test_bench_twins_refuses_unpaired_latent_and_beta() -> None:
