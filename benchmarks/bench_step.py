@@ -12,8 +12,8 @@ For each architecture and pack size, both updates are measured in the same run, 
   kernels   CUDA: the kernels one step launches (torch.profiler, eager step). CPU: a proxy, the
             aten operators a step dispatches, leaving out views, allocations and those that only
             call others; the CPU also casts 0-dim scalars where CUDA passes them to the kernel,
-            so the proxy is higher than the CUDA count, alike for both updates. The update's
-            count is exact on both: one kernel per element-wise operation
+            so the proxy is higher than the CUDA count, alike for both updates. `update` is the
+            optimiser's update alone, counted the same way
   seconds   per step (one step = the members' noise draws + the step), median of `--steps`, best
             of 3 rounds; replayed from a CUDA graph on CUDA (what `compile: auto` does)
 
