@@ -55,3 +55,24 @@ def test_bench_step_counts_fewer_kernels_for_the_flat_update(tmp_path: Path) -> 
         assert 0 < int(base) - int(flat) <= int(base_update) - int(flat_update)
         assert float(ratio[:-1]) == pytest.approx(int(base) / int(flat), abs=0.01)
         assert float(base_ms) > 0 and float(flat_ms) > 0
+
+
+@pytest.mark.slow
+def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -> None:
+    """The matrix part as a dry run on the CPU (where `--pack auto` packs nothing): it is meant for
+    a GPU machine, where a broken script costs device time."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--part", "matrix",
+                          "--matrix-dataset", "digits", "--matrix-epochs", "2", "--iw-samples", "4",
+                          "--data-dir", str(tmp_path), "--only", "arch=mlp", "--only", "latent_dim=2",
+                          "--only", "beta=1", "--only", "beta=4"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "(4 cells: --only arch=mlp latent_dim=2 beta=1 beta=4)" in out.stdout
+    cells = re.findall(r"^  (vae-mlp-z2-b\d-\w+-digits-s0): (-[\d.]+) vs (-[\d.]+) \(best epoch (\d) vs (\d)\)$",
+                       out.stdout, re.M)
+    assert len(cells) == 4
+    gaps = [abs(float(a) - float(b)) for _, a, b, _, _ in cells]
+    summary = re.search(r"max ([\d.]+) nats, mean ([\d.]+) over 4 cells; over the (\d) whose best epoch is the same",
+                        out.stdout)
+    assert summary and float(summary.group(1)) == pytest.approx(max(gaps), abs=0.01)
+    assert int(summary.group(3)) == sum(1 for *_, e1, e2 in cells if e1 == e2)
