@@ -14,8 +14,9 @@ For each architecture and pack size, both updates are measured in the same run, 
             call others; the CPU also casts 0-dim scalars where CUDA passes them to the kernel,
             so the proxy is higher than the CUDA count, alike for both updates. `update` is the
             optimiser's update alone, counted the same way
-  seconds   per step (one step = the members' noise draws + the step), median of `--steps`, best
-            of 3 rounds; replayed from a CUDA graph on CUDA (what `compile: auto` does)
+  seconds   per step (one step = the members' noise draws + the step), the mean of `--steps`
+            steps run back to back, best of 3 rounds; replayed from a CUDA graph on CUDA (what
+            `compile: auto` does)
 
     python benchmarks/bench_step.py                                    # CPU, mnist5k
     python benchmarks/bench_step.py --device cuda --dataset mnist      # a GPU: what it is for
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -121,15 +121,17 @@ def kernels(pack, step, device: torch.device) -> tuple[int, int]:
 
 
 def seconds_per_step(step, device: torch.device, n: int) -> float:
-    times = []
+    """The mean of n steps run back to back, as an epoch runs them (on CUDA the host queues the
+    next step while the device runs this one: one synchronisation at the end)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for _ in range(n):
-        t0 = time.perf_counter()
         step.draw()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
 
 
 def main() -> None:
@@ -142,7 +144,7 @@ def main() -> None:
                    help="tiny: an MLP VAE 784-32-20 (overhead only); mlp: 784-400-400-20; conv: (32, 64)")
     p.add_argument("--members", type=int, nargs="+", default=[1, 8],
                    help="pack sizes (add 32 on a GPU; on the CPU a 32-member step takes seconds)")
-    p.add_argument("--steps", type=int, default=20, help="steps timed per round (median)")
+    p.add_argument("--steps", type=int, default=20, help="steps timed per round")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)  # per-operator overhead, undisturbed by thread start-ups
