@@ -190,9 +190,7 @@ def recorded_baseline(path: str) -> tuple[float, dict[str, tuple[float, int | No
 
 def part_matrix(args: argparse.Namespace) -> list[str]:
     from vaebench.config import load_experiment
-    from vaebench.runner import run_experiment
-
-    from vaebench.runner import parse_only
+    from vaebench.runner import parse_only, run_experiment
 
     only = parse_only(args.only) or None
 

@@ -47,7 +47,7 @@ def per_parameter_update(adam, grads: list[torch.Tensor]) -> None:
     """The baseline: StackedAdam's update as the packed engine did it before the flat buffer, each
     element-wise operation issued once per parameter tensor (the same arithmetic); bound onto a
     StackedAdam in place of its own."""
-    from vaebench.packed import ADAM_BETAS, ADAM_EPS, flat_views
+    from vaebench.packed import ADAM_BETAS, ADAM_EPS
 
     b1, b2 = ADAM_BETAS
     adam.step += 1
@@ -55,8 +55,7 @@ def per_parameter_update(adam, grads: list[torch.Tensor]) -> None:
     bc2_sqrt = (1 - b2 ** adam.step).sqrt().float()
     lr = adam.lr.float()
     l2, decay = adam.l2.squeeze(1), adam.decay.squeeze(1)
-    moments = zip(flat_views(adam.exp_avg, adam.shapes), flat_views(adam.exp_avg_sq, adam.shapes))
-    for p, g, (m, v) in zip(adam.params, grads, moments):
+    for p, g, (m, v) in zip(adam.params, grads, adam.moments()):
         view = (-1,) + (1,) * (p.ndim - 1)
         g = g + l2.view(view) * p
         p.mul_(1 - (lr * decay).view(view))

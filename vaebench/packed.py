@@ -133,21 +133,23 @@ class StackedAdam:
         denom = torch.sqrt(v).div_(bc2_sqrt).add_(ADAM_EPS)
         p.addcdiv_(step_size * m, denom, value=-1.0)
 
+    def moments(self) -> list[tuple[Tensor, Tensor]]:
+        """(exp_avg, exp_avg_sq) per parameter, (M, *shape) views of the flat moments."""
+        return list(zip(flat_views(self.exp_avg, self.shapes), flat_views(self.exp_avg_sq, self.shapes)))
+
     def member_state(self, m: int, template: dict[str, Any]) -> dict[str, Any]:
         """Member m's state as torch.optim's `state_dict()` (`template`: that optimiser's empty one)."""
         out = copy.deepcopy(template)
         step = self.step[m].float().cpu()
-        moments = zip(flat_views(self.exp_avg, self.shapes), flat_views(self.exp_avg_sq, self.shapes))
         out["state"] = {i: {"step": step.clone(), "exp_avg": a[m].detach().cpu().clone(),
                             "exp_avg_sq": s[m].detach().cpu().clone()}
-                        for i, (a, s) in enumerate(moments)}
+                        for i, (a, s) in enumerate(self.moments())}
         return out
 
     @torch.no_grad()
     def load_member_state(self, m: int, state: dict[str, Any]) -> None:
         """Load a torch.optim `state_dict()` into member m (moments of parameters it never stepped stay 0)."""
-        moments = zip(flat_views(self.exp_avg, self.shapes), flat_views(self.exp_avg_sq, self.shapes))
-        for i, (a, s) in enumerate(moments):
+        for i, (a, s) in enumerate(self.moments()):
             if i in state["state"]:
                 a[m].copy_(state["state"][i]["exp_avg"])
                 s[m].copy_(state["state"][i]["exp_avg_sq"])
