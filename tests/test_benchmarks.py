@@ -57,6 +57,20 @@ def test_bench_step_counts_fewer_kernels_for_the_flat_update(tmp_path: Path) -> 
         assert float(base_ms) > 0 and float(flat_ms) > 0
 
 
+def test_bench_layout_times_both_layouts_and_finds_the_same_numbers(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layout.py"), "--dataset", "digits",
+                          "--data-dir", str(tmp_path), "--test-samples", "60", "--iw-samples", "4", "--repeats", "1"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(r"^  (channels-\w+) +([\d.]+) s  x([\d.]+) +max \|metric difference\| ([\d.e+-]+)",
+                      out.stdout, re.M)
+    assert [r[0] for r in rows] == ["channels-first", "channels-last"] * 2  # conv, deep_conv; no cudnn on the CPU
+    for layout, seconds, ratio, gap in rows:
+        assert float(seconds) > 0 and float(gap) < 1e-3
+        if layout == "channels-first":
+            assert float(ratio) == 1.0 and float(gap) == 0.0
+
+
 @pytest.mark.slow
 def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -> None:
     """The matrix part as a dry run on the CPU (where `--pack auto` packs nothing): it is meant for

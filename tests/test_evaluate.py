@@ -152,3 +152,40 @@ def test_vaebench_evaluate_redoes_the_evaluation_without_retraining(tiny_file: P
     cell = after[after["tags.vaebench.kind"] == "cell"].iloc[0]
     assert cell["metrics.test/nll_iw_k"] == 16 and "tags.vaebench.evaluated_at" in after
     assert main(["evaluate", str(tiny_file), "--iw-samples", "0"]) == 2
+
+
+@pytest.mark.parametrize("arch, channels", [("conv", 1), ("deep_conv", 1), ("conv", 3)])
+def test_a_conv_model_is_evaluated_channels_last_with_the_same_numbers(arch: str, channels: int) -> None:
+    """The layout only changes the speed (benchmarks/bench_layout.py): every metric agrees with the
+    channels-first evaluation of the same weights, and on the CPU the default is channels-last."""
+    from vaebench.batches import DeviceSplit
+    from vaebench.evaluate import CHANNELS_LAST
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (120, channels, 8, 8), dtype=torch.uint8, generator=gen)
+    test = DeviceSplit(x, torch.arange(120) % 10, None, "none")
+    s = RunSettings(dataset="digits", model="vae", arch=arch, latent_dim=3, device="cpu")
+    torch.manual_seed(0)
+    first = build_model("vae", arch, in_shape=(channels, 8, 8), latent_dim=3)
+    last = build_model("vae", arch, in_shape=(channels, 8, 8), latent_dim=3)
+    last.load_state_dict(first.state_dict())
+    protocol = EvaluateSettings(iw_samples=8, clustering=False)
+    a = evaluate(first, test, s, protocol, channels_last=False).metrics
+    b = evaluate(last, test, s, protocol).metrics
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    conv = [p for p in last.parameters() if p.dim() == 4]
+    assert conv and "cpu" in CHANNELS_LAST
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
+    assert any(not p.is_contiguous() for p in conv)  # the layout did change (a 1-channel side is both)
+    assert all(p.is_contiguous() for p in first.parameters())
+
+
+def test_a_model_without_convolutions_keeps_its_layout() -> None:
+    from vaebench.evaluate import use_channels_last
+
+    model = build_model("vae", "mlp", in_shape=(1, 8, 8), latent_dim=2, arch_options={"hidden": [16]})
+    before = [p.data_ptr() for p in model.parameters()]
+    use_channels_last(model)
+    assert [p.data_ptr() for p in model.parameters()] == before

@@ -42,6 +42,21 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015
 STOCHASTIC_ONLY = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units")
 CODEBOOK_ONLY = ("codebook_perplexity", "dead_codes", "codebook_usage")
 EVAL_SEED = 0  # the same posterior draws for every run
+# The devices on which `evaluate` runs a conv model's convolutions channels-last (NHWC). The values are
+# the same (bit for bit on the CPU at our shapes); only the speed of the decoder, which the IWAE
+# estimate runs k times per image, changes. benchmarks/bench_layout.py measures both layouts in one
+# run: CPU x1.3-1.4 (conv and deep_conv, MNIST). A device not listed has not been measured and keeps
+# PyTorch's channels-first default.
+CHANNELS_LAST = ("cpu",)
+
+
+def use_channels_last(model: AutoEncoder, on: bool = True) -> AutoEncoder:
+    """Put a conv model's 4-d weights channels-last (or back to channels-first with `on=False`);
+    convolutions then compute in that layout. A model without convolutions is left as it is. In
+    place: the parameters stay the same objects with the same values."""
+    if any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()):
+        model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+    return model
 
 
 @dataclass
@@ -149,14 +164,18 @@ def encode_means(model: AutoEncoder, split: DeviceSplit, batch_size: int = 1000,
 @torch.inference_mode()
 def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
              protocol: EvaluateSettings | None = None, *, train: DeviceSplit | None = None,
-             num_classes: int | None = None, batch_size: int = 500, score: bool = True) -> Evaluation:
+             num_classes: int | None = None, batch_size: int = 500, score: bool = True,
+             channels_last: bool | None = None) -> Evaluation:
     """The whole protocol on `test`; clustering scores also need `train` (for the kNN and probe
     fits) and `num_classes`. With `score=False` the clustering scores are left out and the codes
     they need are returned instead (`Evaluation.codes`; `score_codes` scores them, on the CPU,
-    where the caller likes: the runner does it in worker processes while the GPU trains on)."""
+    where the caller likes: the runner does it in worker processes while the GPU trains on).
+    A conv model is evaluated channels-last on the devices in CHANNELS_LAST (`channels_last`
+    overrides that) and is left in that layout."""
     protocol = protocol or EvaluateSettings()
     model.eval()
     device = test.x.device
+    use_channels_last(model, device.type in CHANNELS_LAST if channels_last is None else channels_last)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     k = protocol.k_for(device.type)
     c, h, w = test.shape
