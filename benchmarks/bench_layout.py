@@ -69,7 +69,8 @@ def main() -> None:
         weights = build_for(s, test.shape).state_dict()
         seconds: dict[str, list[float]] = {v: [] for v in variants}
         metrics: dict[str, dict[str, float]] = {}
-        for _ in range(args.repeats):
+        warm_up = protocol.model_copy(update={"max_test_samples": 100, "iw_samples": 2})
+        for repeat in range(-1, args.repeats):  # -1: a short untimed pass (CUDA's and cuDNN's first calls)
             for v in variants:
                 model = build_for(s, test.shape)
                 model.load_state_dict(weights)
@@ -78,9 +79,11 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                ev = evaluate(model, test, s, protocol, channels_last=v != "channels-first")
+                ev = evaluate(model, test, s, protocol if repeat >= 0 else warm_up, channels_last=v != "channels-first")
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                if repeat < 0:
+                    continue
                 seconds[v].append(time.perf_counter() - t0)
                 metrics[v] = ev.metrics
         base = statistics.median(seconds[variants[0]])
