@@ -118,6 +118,20 @@ def test_latent_scatter_title_names_the_projection() -> None:
     assert len(many.axes) == 2  # the plot and its colorbar
 
 
+def test_latent_scatter_of_identical_codes_says_so_without_a_warning() -> None:
+    """A collapsed posterior gives every image the same mean: there is no variance to explain."""
+    import warnings
+
+    z = np.tile(np.array([[0.3, -1.0, 2.0, 0.0]]), (200, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's 0/0 in explained_variance_ratio_ would raise
+        fig = latent_scatter(z, np.arange(200) % 10)
+    ax = fig.axes[0]
+    assert ax.get_title() == "latent space (PCA of 4 dims): every code the same"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("PC1", "PC2")
+    assert np.array_equal(ax.collections[0].get_offsets(), np.zeros((200, 2)))
+
+
 def test_latent_scatter_by_tsne_on_a_fixed_subsample() -> None:
     rng = np.random.default_rng(0)
     y = np.arange(1200) % 4

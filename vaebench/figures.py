@@ -173,13 +173,14 @@ def latent_scatter(z: np.ndarray, y: np.ndarray, seed: int = 0, projection: str 
         from sklearn.decomposition import PCA
 
         finite = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # PCA refuses non-finite codes
-        pca = PCA(n_components=2, svd_solver="full").fit(finite) if n >= 2 else None
-        if pca is None:
-            xy, ratio = np.zeros((n, 2)), (0.0, 0.0)
-        else:
-            xy, ratio = pca.transform(finite), pca.explained_variance_ratio_
-        labels = tuple(f"PC{i + 1} ({r:.0%} of variance)" for i, r in enumerate(ratio))
         title = f"latent space (PCA of {k} dims)"
+        if n < 2 or not np.ptp(finite, axis=0).any():  # one code for every image (a collapsed posterior)
+            xy, labels = np.zeros((n, 2)), ("PC1", "PC2")
+            title += ": every code the same"
+        else:
+            pca = PCA(n_components=2, svd_solver="full").fit(finite)
+            xy = pca.transform(finite)
+            labels = tuple(f"PC{i + 1} ({r:.0%} of variance)" for i, r in enumerate(pca.explained_variance_ratio_))
 
     order = rng.permutation(n)
     classes = np.unique(y)
