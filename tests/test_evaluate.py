@@ -182,6 +182,29 @@ def test_a_conv_model_is_evaluated_channels_last_with_the_same_numbers(arch: str
     assert all(p.is_contiguous() for p in first.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+@pytest.mark.parametrize("arch", ["conv", "deep_conv"])
+def test_channels_last_evaluation_agrees_on_cuda(arch: str) -> None:
+    """What putting "cuda" in CHANNELS_LAST would change: cuDNN's NHWC kernels, the same metrics
+    (to TF32's rounding, which cuDNN uses for fp32 convolutions by default)."""
+    from vaebench.batches import DeviceSplit
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    test = DeviceSplit(x.cuda(), (torch.arange(300) % 10).cuda(), None, "none")
+    s = RunSettings(dataset="mnist", model="vae", arch=arch, latent_dim=8, device="cuda")
+    torch.manual_seed(0)
+    first = build_model("vae", arch, in_shape=(1, 28, 28), latent_dim=8).cuda()
+    last = build_model("vae", arch, in_shape=(1, 28, 28), latent_dim=8).cuda()
+    last.load_state_dict(first.state_dict())
+    protocol = EvaluateSettings(iw_samples=16, clustering=False)
+    a = evaluate(first, test, s, protocol, channels_last=False).metrics
+    b = evaluate(last, test, s, protocol, channels_last=True).metrics
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in last.parameters() if p.dim() == 4)
+
+
 def test_a_model_without_convolutions_keeps_its_layout() -> None:
     from vaebench.evaluate import use_channels_last
 
