@@ -63,7 +63,10 @@ def main() -> None:
         raise SystemExit(f"{e}\n(or run with --dataset mnist5k)")
     s = RunSettings(dataset=args.dataset, model="vae", latent_dim=16, arch_options={"mlp": {"hidden": [400]}},
                     device=args.device)
-    device = resolve_device(s.device)
+    try:
+        device = resolve_device(s.device)
+    except RuntimeError as e:
+        p.error(str(e))
     torch.manual_seed(0)
     model = build_for(s, data.shape).to(device).eval()
     test = to_device(data.test, device, image_size=None, binarization="none")

@@ -279,6 +279,8 @@ def main() -> None:
     p.add_argument("--only", action="append", default=[], metavar="SETTING=VALUE",
                    help="run only these cells of the matrix on both sides, as `vaebench run --only`")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: there is no CUDA device here (without one, --device cpu runs a dry run)")
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     lines = []

@@ -151,7 +151,10 @@ def main() -> None:
     from vaebench.data import load_dataset
     from vaebench.train import resolve_device
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.error(str(e))
     data = load_dataset(args.dataset, args.data_dir)
     what = "CUDA kernels" if device.type == "cuda" else "aten ops (the kernel count's CPU proxy)"
     step_kind = "captured step (CUDA graph)" if device.type == "cuda" else "eager step, 1 thread"

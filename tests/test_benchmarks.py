@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,12 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
                         out.stdout)
     assert summary and float(summary.group(1)) == pytest.approx(max(gaps), abs=0.01)
     assert int(summary.group(3)) == sum(1 for *_, e1, e2 in cells if e1 == e2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+@pytest.mark.parametrize("script", ["bench_gpu", "bench_step", "bench_evaluate", "bench_layout"])
+def test_a_benchmark_asked_for_cuda_without_one_says_so_in_one_line(script: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--device", "cuda"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert re.search(r"error: .*(no CUDA device here|CUDA is not available here)", out.stderr.strip().splitlines()[-1])
