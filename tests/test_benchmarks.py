@@ -58,6 +58,20 @@ def test_bench_step_counts_fewer_kernels_for_the_flat_update(tmp_path: Path) -> 
         assert float(base_ms) > 0 and float(flat_ms) > 0
 
 
+@pytest.mark.slow
+def test_bench_evaluate_times_the_likelihood_both_ways_and_the_protocol(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_evaluate.py"), "--dataset", "mnist5k",
+                          "--data-dir", str(tmp_path), "--ks", "10"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lik = re.search(r"fused BCE (\d+) ms, vaebench (\d+) ms -> x([\d.]+); largest per-image difference ([\d.e+-]+)",
+                    out.stdout)
+    assert lik and float(lik.group(3)) == pytest.approx(int(lik.group(1)) / int(lik.group(2)), abs=0.05)
+    assert float(lik.group(4)) < 1e-2  # nats on per-image sums of ~1,200: rounding, not a different value
+    assert re.search(r"k=10 +[\d.]+ s", out.stdout)
+    assert len(re.findall(r"whole protocol on 1000 test images \(k=\d+, clustering on\): [\d.]+ s", out.stdout)) == 2
+
+
 def test_bench_layout_times_both_layouts_and_finds_the_same_numbers(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layout.py"), "--dataset", "digits",
                           "--data-dir", str(tmp_path), "--test-samples", "60", "--iw-samples", "4", "--repeats", "1"],

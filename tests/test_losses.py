@@ -8,8 +8,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vaebench.losses import (effective_beta, gaussian_nll, kl_anneal_weight, kl_per_dim, objective,
+from vaebench.losses import (bernoulli_nll, effective_beta, gaussian_nll, kl_anneal_weight, kl_per_dim, objective,
                              recon_nll)
+
+
+def test_bernoulli_nll_without_gradients_agrees_with_the_fused_kernel() -> None:
+    """The CPU's no-grad formula (evaluation, validation) is the fused BCE's value to float
+    rounding, over the logits a model produces and beyond, binary and grey x alike; with a
+    gradient to take, the fused kernel itself."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.linspace(-40, 40, 4001), torch.tensor([0.0, -0.0, 1e-8, -1e-8, 88.0, -88.0]),
+                        torch.randn(20000, generator=gen) * 6])
+    for x in (torch.rand(logits.shape, generator=gen).round(), torch.rand(logits.shape, generator=gen)):
+        fused = F.binary_cross_entropy_with_logits(logits.double(), x.double(), reduction="none")
+        with torch.no_grad():
+            ours = bernoulli_nll(logits, x)
+        assert ours.dtype == torch.float32 and ours.shape == logits.shape
+        err = (ours.double() - fused).abs()
+        assert err.max() <= 1e-6 + 1e-6 * fused.abs().max(), err.max()  # per pixel, to fp32
+        # summed as a 784-pixel image is, it sits within fp32's own rounding of that sum
+        assert (ours.double().sum() - fused.sum()).abs() <= 1e-6 * fused.sum()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        bernoulli_nll(logits, x)
+    ops = {e.name for e in prof.events()}
+    assert "aten::log_sigmoid_forward" not in ops and "aten::log_" in ops  # the written-out formula
+    leaf = logits.clone().requires_grad_()
+    out = bernoulli_nll(leaf, x)
+    assert type(out.grad_fn).__name__.startswith("BinaryCrossEntropyWithLogits")
+    out.sum().backward()
+    assert torch.allclose(leaf.grad, torch.sigmoid(logits) - x, atol=1e-6)
 
 
 def test_kl_closed_form_hand_computed() -> None:
