@@ -60,16 +60,16 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000])
     args = p.parse_args()
 
+    try:  # the flags first, then the files
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.error(str(e))
     try:
         data = load_dataset(args.dataset, args.data_dir, download=False)
     except DatasetUnavailable as e:
         raise SystemExit(f"{e}\n(or run with --dataset mnist5k)")
     s = RunSettings(dataset=args.dataset, model="vae", latent_dim=16, arch_options={"mlp": {"hidden": [400]}},
                     device=args.device)
-    try:
-        device = resolve_device(s.device)
-    except RuntimeError as e:
-        p.error(str(e))
     torch.manual_seed(0)
     model = build_for(s, data.shape).to(device).eval()
     test = to_device(data.test, device, image_size=None, binarization="none")

@@ -51,14 +51,14 @@ def main() -> None:
     from vaebench.evaluate import evaluate
     from vaebench.train import build_for, resolve_device
 
+    try:  # the flags first, then the files
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.error(str(e))
     try:
         data = load_dataset(args.dataset, args.data_dir, download=False)
     except DatasetUnavailable as e:
         raise SystemExit(f"{e}\n(or run with --dataset mnist5k)")
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        p.error(str(e))
     protocol = EvaluateSettings(iw_samples=args.iw_samples, max_test_samples=args.test_samples, clustering=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
     print(f"device: {name}; torch {torch.__version__}; {args.dataset}, {min(args.test_samples, len(data.test))} "

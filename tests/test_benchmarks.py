@@ -109,8 +109,10 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 @pytest.mark.parametrize("script", ["bench_gpu", "bench_step", "bench_evaluate", "bench_layout"])
-def test_a_benchmark_asked_for_cuda_without_one_says_so_in_one_line(script: str) -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--device", "cuda"],
-                         check=False, capture_output=True, text=True, timeout=300)
+def test_a_benchmark_asked_for_cuda_without_one_says_so_in_one_line(script: str, tmp_path: Path) -> None:
+    # an empty data directory: the flag is refused before any file is looked for
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--device", "cuda",
+                          "--data-dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(r"error: .*(no CUDA device here|CUDA is not available here)", out.stderr.strip().splitlines()[-1])
