@@ -138,9 +138,9 @@ def iw_estimate(model: AutoEncoder, x: Tensor, settings: RunSettings, k: int, ch
 
     def log_px(z: Tensor) -> Tensor:
         n = z.shape[0]
-        logits = model.decode(z.reshape(n * b, -1))  # (n*B, C, H, W)
-        target = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-        return -nll_fn(logits, target, log_sigma).flatten(1).sum(1).view(n, b)
+        logits = model.decode(z.reshape(n * b, -1)).unflatten(0, (n, b))  # (n, B, C, H, W)
+        target = x.unsqueeze(0).expand(n, *x.shape)  # a view: the n copies of x are never written out
+        return -nll_fn(logits, target, log_sigma).flatten(2).sum(2)  # (n, B)
 
     return importance_weighted_estimate(log_px, post.mean, post.logvar, k, max(1, chunk // b), generator,
                                         log_prior=model.log_prior)
