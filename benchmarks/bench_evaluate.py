@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import device_and_data
 
 from vaebench.batches import to_device
 from vaebench.config import EvaluateSettings, RunSettings
-from vaebench.data import DatasetUnavailable, load_dataset
 from vaebench.evaluate import evaluate, iw_nll, log_normal_diag, log_normal_std
 from vaebench.losses import bernoulli_nll, recon_nll
-from vaebench.train import build_for, resolve_device
+from vaebench.train import build_for
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -60,14 +60,7 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000])
     args = p.parse_args()
 
-    try:  # the flags first, then the files
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        p.error(str(e))
-    try:
-        data = load_dataset(args.dataset, args.data_dir, download=False)
-    except DatasetUnavailable as e:
-        raise SystemExit(f"{e}\n(or run with --dataset mnist5k)")
+    device, data = device_and_data(p, args)
     s = RunSettings(dataset=args.dataset, model="vae", latent_dim=16, arch_options={"mlp": {"hidden": [400]}},
                     device=args.device)
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import device_and_data
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 ARCHS = {  # architecture -> its options: bench_gpu.py's conv VAE, and deep_conv as it comes
@@ -47,18 +48,10 @@ def main() -> None:
 
     from vaebench.batches import to_device
     from vaebench.config import EvaluateSettings, RunSettings
-    from vaebench.data import DatasetUnavailable, load_dataset
     from vaebench.evaluate import evaluate
-    from vaebench.train import build_for, resolve_device
+    from vaebench.train import build_for
 
-    try:  # the flags first, then the files
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        p.error(str(e))
-    try:
-        data = load_dataset(args.dataset, args.data_dir, download=False)
-    except DatasetUnavailable as e:
-        raise SystemExit(f"{e}\n(or run with --dataset mnist5k)")
+    device, data = device_and_data(p, args)
     protocol = EvaluateSettings(iw_samples=args.iw_samples, max_test_samples=args.test_samples, clustering=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
     print(f"device: {name}; torch {torch.__version__}; {args.dataset}, {min(args.test_samples, len(data.test))} "

@@ -29,6 +29,7 @@ import os
 import time
 
 import torch
+from common import device_and_data
 
 # aten operators that launch no kernel: views, shape queries, allocations (a `zeros` shows up as
 # its `zero_` leaf, which does)
@@ -148,14 +149,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)  # per-operator overhead, undisturbed by thread start-ups
 
-    from vaebench.data import load_dataset
-    from vaebench.train import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        p.error(str(e))
-    data = load_dataset(args.dataset, args.data_dir)
+    device, data = device_and_data(p, args, download=True)
     what = "CUDA kernels" if device.type == "cuda" else "aten ops (the kernel count's CPU proxy)"
     step_kind = "captured step (CUDA graph)" if device.type == "cuda" else "eager step, 1 thread"
     print(f"{args.dataset}, batch {args.batch_size}, device {device}"
