@@ -402,7 +402,11 @@ class PoolEvaluator(Evaluator):
         return [item[1].key for item in [*self._waiting, *self._running.values()]]
 
     def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        # Idle workers only have their interpreters to tear down (about a second with torch, mlflow
+        # and scikit-learn loaded): the sweep need not end after them (the interpreter joins them at
+        # exit, while the CLI writes the report). Work still in flight is waited for, or cancelled.
+        busy = self._in_flight() > 0 or any(not f.done() for f in self._baselines.values())
+        self.pool.shutdown(wait=cancel or busy, cancel_futures=cancel)
 
 
 _WORKER: dict[str, Any] = {}  # per evaluation worker process: its trackers
