@@ -23,6 +23,13 @@ computed once before both (it is cached per dataset and never part of a cell's t
 one-at-a-time side takes about 11 minutes on an H100: `--baseline-from LOG` takes it from an
 earlier run's output instead, and `--only arch=mlp` (as `vaebench run --only`) runs part of the
 study on both sides, which fits one device call.
+
+Two what-ifs, each applied to everything the run measures (both sides of the study alike), to try
+a change before making it in vaebench: `--cudnn-benchmark` turns cuDNN's autotuner on
+(`torch.backends.cudnn.benchmark`: the conv layers' algorithms are timed at the first call of each
+shape, before a step is captured), and `--channels-last` evaluates conv models channels-last on
+CUDA too (as if "cuda" were in `vaebench.evaluate.CHANNELS_LAST`; benchmarks/bench_layout.py times
+that on the evaluation alone).
 """
 
 from __future__ import annotations
@@ -264,6 +271,21 @@ def timeline(client, runs: list, parent_id: str) -> list[str]:
     return out
 
 
+def apply_what_ifs(args: argparse.Namespace) -> list[str]:
+    """Switch on the what-ifs asked for, in this process (training and the device part of the
+    evaluation run here; the evaluation workers only score codes on the CPU); returns their names."""
+    import vaebench.evaluate
+
+    on = []
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        on.append("cudnn.benchmark")
+    if args.channels_last:
+        vaebench.evaluate.CHANNELS_LAST = (*vaebench.evaluate.CHANNELS_LAST, "cuda")
+        on.append("evaluation channels-last on CUDA")
+    return on
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["loops", "matrix", "all"], default="all")
@@ -278,10 +300,16 @@ def main() -> None:
     p.add_argument("--iw-samples", type=int, default=1000)
     p.add_argument("--only", action="append", default=[], metavar="SETTING=VALUE",
                    help="run only these cells of the matrix on both sides, as `vaebench run --only`")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="what-if: cuDNN's autotuner on for everything measured (both sides of the study)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="what-if: evaluate conv models channels-last on CUDA too (both sides of the study)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: there is no CUDA device here (without one, --device cpu runs a dry run)")
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    what_if = apply_what_ifs(args)
+    name += f" ({', '.join(what_if)})" if what_if else ""
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     lines = []
     if args.part in ("loops", "all"):

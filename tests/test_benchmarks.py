@@ -93,10 +93,12 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--part", "matrix",
                           "--matrix-dataset", "digits", "--matrix-epochs", "2", "--iw-samples", "4",
                           "--data-dir", str(tmp_path), "--only", "arch=mlp", "--only", "latent_dim=2",
-                          "--only", "beta=1", "--only", "beta=4"],
+                          "--only", "beta=1", "--only", "beta=4", "--cudnn-benchmark", "--channels-last"],
                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "(4 cells: --only arch=mlp latent_dim=2 beta=1 beta=4)" in out.stdout
+    # the what-ifs (no-ops on the CPU) are named with the device, so no figure is read without them
+    assert out.stdout.startswith("device: CPU (cudnn.benchmark, evaluation channels-last on CUDA); torch")
     cells = re.findall(r"^  (vae-mlp-z2-b\d-\w+-digits-s0): (-[\d.]+) vs (-[\d.]+) \(best epoch (\d) vs (\d)\)$",
                        out.stdout, re.M)
     assert len(cells) == 4
