@@ -17,6 +17,10 @@ For each architecture and pack size, both updates are measured in the same run, 
   seconds   per step (one step = the members' noise draws + the step), the mean of `--steps`
             steps run back to back, best of 3 rounds; replayed from a CUDA graph on CUDA (what
             `compile: auto` does)
+  autotuned CUDA, conv: the flat step again with cuDNN's autotuner on while it is built
+            (`torch.backends.cudnn.benchmark`: each conv's algorithms are timed in the eager runs
+            before the capture, and the graph keeps the fastest), ms per step and its speed-up over
+            the flat step as vaebench builds it (autotuner off)
 
     python benchmarks/bench_step.py                                    # CPU, mnist5k
     python benchmarks/bench_step.py --device cuda --dataset mnist      # a GPU: what it is for
@@ -156,20 +160,27 @@ def main() -> None:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
           f"{what} per step; seconds per {step_kind}")
     print(f"{'arch':<5} {'K':>3}  {'kernels: per-param':>18} {'flat':>6} {'ratio':>6}   "
-          f"{'update: per-param':>17} {'flat':>5}   {'ms/step: per-param':>18} {'flat':>7} {'speed-up':>8}")
+          f"{'update: per-param':>17} {'flat':>5}   {'ms/step: per-param':>18} {'flat':>7} {'speed-up':>8}   "
+          f"{'autotuned':>9} {'speed-up':>8}")
     for arch in args.arch:
         for k in args.members:
             built = {f: build(args, data, arch, k, f) for f in ("per-parameter", "flat")}
             counts = {f: kernels(*built[f], device) for f in built}
+            if device.type == "cuda" and arch == "conv":  # built last: the autotuner off for the others
+                torch.backends.cudnn.benchmark = True
+                built["autotuned"] = build(args, data, arch, k, "flat")
+                torch.backends.cudnn.benchmark = False
             best = {f: float("inf") for f in built}
-            for _ in range(3):  # interleaved, so warm-up and background load hit both alike
+            for _ in range(3):  # interleaved, so warm-up and background load hit them alike
                 for f, (_, step) in built.items():
                     seconds_per_step(step, device, 3)
                     best[f] = min(best[f], seconds_per_step(step, device, args.steps))
             (base, base_update), (flat, flat_update) = counts["per-parameter"], counts["flat"]
+            tuned = (f"{best['autotuned'] * 1e3:>9.2f} {best['flat'] / best['autotuned']:>7.2f}x"
+                     if "autotuned" in best else f"{'-':>9} {'-':>8}")
             print(f"{arch:<5} {k:>3}  {base:>18} {flat:>6} {base / flat:>5.2f}x   {base_update:>17} {flat_update:>5}   "
                   f"{best['per-parameter'] * 1e3:>18.2f} {best['flat'] * 1e3:>7.2f} "
-                  f"{best['per-parameter'] / best['flat']:>7.2f}x", flush=True)
+                  f"{best['per-parameter'] / best['flat']:>7.2f}x   {tuned}", flush=True)
 
 
 if __name__ == "__main__":
