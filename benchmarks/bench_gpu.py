@@ -311,11 +311,16 @@ def main() -> None:
     what_if = apply_what_ifs(args)
     name += f" ({', '.join(what_if)})" if what_if else ""
     print(f"device: {name}; torch {torch.__version__}", flush=True)
+    from vaebench.data import DatasetUnavailable
+
     lines = []
-    if args.part in ("loops", "all"):
-        lines += part_loops(args)
-    if args.part in ("matrix", "all"):
-        lines += part_matrix(args)
+    try:
+        if args.part in ("loops", "all"):
+            lines += part_loops(args)
+        if args.part in ("matrix", "all"):
+            lines += part_matrix(args)
+    except DatasetUnavailable as e:  # one message, not a traceback
+        raise SystemExit(f"{e}\n(a dry run: --part matrix --matrix-dataset digits)") from None
     print("\n".join([f"device: {name}", *lines]))
 
 

@@ -4,6 +4,7 @@ and that what they print holds together.)"""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -119,3 +120,23 @@ def test_a_benchmark_asked_for_cuda_without_one_says_so_in_one_line(script: str,
                          cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(r"error: .*(no CUDA device here|CUDA is not available here)", out.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script measures for minutes: it is run by hand there")
+def test_gpu_checks_runs_every_step_and_keeps_each_log(tmp_path: Path) -> None:
+    """Without CUDA each benchmark step refuses at once, and the script goes on to the next: what
+    keeps one failing step from costing a device call the others."""
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], check=False, capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "OUT": str(tmp_path / "out"),
+                              "VAEBENCH_DATA_DIR": str(tmp_path / "empty")})
+    assert out.returncode == 0, out.stderr
+    steps = re.findall(r"^== (\w+): .*\n   exit (\d+) after \d+ s", out.stdout, re.M)
+    assert [name for name, _ in steps] == ["tests", "layout", "step", "loops"]
+    codes = dict(steps)
+    assert codes["tests"] == "0"  # the CUDA tests skip, the channels-last ones pass on the CPU
+    assert codes["layout"] == codes["step"] == "2"  # --device cuda: one argparse error each
+    assert codes["loops"] == "1"  # no MNIST in the empty data directory: one message
+    for name, _ in steps:
+        assert (tmp_path / "out" / f"{name}.log").stat().st_size > 0
+    assert "Traceback" not in (tmp_path / "out" / "loops.log").read_text()
