@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs per unit on the Ray cluster (a fraction shares a GPU; default 1 when it has GPUs)")
     run.add_argument("--ray-cpus", type=_fraction, default=1.0, metavar="N", help="CPUs per unit (default 1)")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
-    ev.add_argument("--iw-samples", type=_positive_int, metavar="K", help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
+    ev.add_argument("--iw-samples", type=_positive_int, metavar="K",
+                    help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
         "Run (or resume) the Optuna study defined under `tune:`; every trial is an MLflow run."))
     tune.add_argument("file", help="the experiments file")

@@ -213,7 +213,8 @@ def latent_size_figure(data: ReportData) -> Figure | str:
             sns.lineplot(data=sub[sub[metric].notna()], x="latent_dim", y=metric, hue="family",
                          hue_order=sorted(df["family"].unique()), style="settings" if others else None,
                          markers=True if others else False, marker=None if others else "o",
-                         dashes=bool(others), err_style="bars", err_kws={"capsize": 3}, errorbar=errorbar(sub), ax=ax, legend="auto" if legend else False)
+                         dashes=bool(others), err_style="bars", err_kws={"capsize": 3}, errorbar=errorbar(sub), ax=ax,
+                         legend="auto" if legend else False)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(int(s)) for s in sizes])
             ax.minorticks_off()
