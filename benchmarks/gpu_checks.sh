@@ -18,6 +18,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-checks}
 mkdir -p "$out"
+py=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter that has vaebench's dependencies
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS rc
@@ -30,10 +31,10 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+  "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
-step tests 120 python -m pytest -q -p no:cacheprovider tests/test_packed.py tests/test_evaluate.py -k "cuda or channels"
-step layout 120 python benchmarks/bench_layout.py --device cuda --test-samples 10000 --iw-samples 1000
-step step 100 python benchmarks/bench_step.py --device cuda --dataset mnist --members 1 8 32
-step loops 180 python benchmarks/bench_gpu.py --part loops
+step tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_packed.py tests/test_evaluate.py -k "cuda or channels"
+step layout 120 "$py" benchmarks/bench_layout.py --device cuda --test-samples 10000 --iw-samples 1000
+step step 100 "$py" benchmarks/bench_step.py --device cuda --dataset mnist --members 1 8 32
+step loops 180 "$py" benchmarks/bench_gpu.py --part loops

@@ -128,7 +128,7 @@ def test_gpu_checks_runs_every_step_and_keeps_each_log(tmp_path: Path) -> None:
     keeps one failing step from costing a device call the others."""
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], check=False, capture_output=True,
                          text=True, timeout=600, cwd=tmp_path,
-                         env={**os.environ, "OUT": str(tmp_path / "out"),
+                         env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
                               "VAEBENCH_DATA_DIR": str(tmp_path / "empty")})
     assert out.returncode == 0, out.stderr
     steps = re.findall(r"^== (\w+): .*\n   exit (\d+) after \d+ s", out.stdout, re.M)
