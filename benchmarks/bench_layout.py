@@ -93,7 +93,7 @@ def main() -> None:
         for v in variants:
             med = statistics.median(seconds[v])
             gap = max(abs(metrics[v][m] - metrics[variants[0]][m]) for m in ("nll_iw", "elbo", "recon_mse"))
-            print(f"  {v:<34s} {med:7.2f} s  x{base / med:.2f}   max |metric difference| {gap:.2e}   "
+            print(f"  {v:<34s} {med:8.3f} s  x{base / med:.2f}   max |metric difference| {gap:.2e}   "
                   f"nll_iw {metrics[v]['nll_iw']:.4f}")
     torch.backends.cudnn.benchmark = False
 
