@@ -212,3 +212,29 @@ def test_a_model_without_convolutions_keeps_its_layout() -> None:
     before = [p.data_ptr() for p in model.parameters()]
     use_channels_last(model)
     assert [p.data_ptr() for p in model.parameters()] == before
+
+
+def test_the_probe_codes_come_from_the_first_training_images_only() -> None:
+    """The device part of a cell's evaluation moves only the training images the kNN and probe
+    use; under static binarization (drawn image by image) their codes equal those from the whole
+    split, exactly."""
+    from vaebench.config import Experiment
+    from vaebench.results import _measure
+
+    data = load_dataset("mnist5k", "unused")
+    s = RunSettings(dataset="mnist5k", model="vae", arch="mlp", arch_options={"mlp": {"hidden": [32]}},
+                    latent_dim=3, binarization="static", device="cpu")
+    protocol = EvaluateSettings(iw_samples=2, probe_train_samples=700, max_test_samples=300)
+    exp = Experiment.model_validate({"name": "probe", "defaults": {"dataset": "mnist5k"},
+                                     "evaluate": protocol.model_dump()})
+    torch.manual_seed(0)
+    model = build_model("vae", "mlp", in_shape=(1, 28, 28), latent_dim=3, arch_options={"hidden": [32]})
+    assert len(data.train) > 2 * protocol.probe_train_samples  # the limit really leaves images out
+    opts = dict(image_size=None, binarization="static")
+    whole = evaluate(model, to_device(data.test, torch.device("cpu"), **opts), s, protocol,
+                     train=to_device(data.train, torch.device("cpu"), **opts), num_classes=10, score=False)
+    limited = _measure(exp, s, model, data, score=False)
+    assert limited.codes.train_z.shape == (700, 3)
+    assert (limited.codes.train_z == whole.codes.train_z).all()
+    assert (limited.codes.train_y == whole.codes.train_y).all()
+    assert limited.metrics == whole.metrics

@@ -150,8 +150,11 @@ def _measure(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset,
     device = next(model.parameters()).device
     opts = dict(image_size=s.image_size, binarization=s.binarization)
     test = to_device(data.test, device, **opts)
-    # the training split is only needed to fit the kNN / probe
-    train = to_device(data.train, device, **opts) if exp.evaluate.clustering else None
+    # the training split is only needed to fit the kNN / probe, and only its first
+    # probe_train_samples images (static binarization draws image by image: the same values as the
+    # whole split's first images, at a fraction of the cost, MNIST 0.22 -> 0.04 s a cell)
+    train = (to_device(data.train, device, limit=exp.evaluate.probe_train_samples, **opts)
+             if exp.evaluate.clustering else None)
     return evaluate(model, test, s, exp.evaluate, train=train, num_classes=data.num_classes, score=score)
 
 
