@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import device_of
 
 from vaebench.plan import parse_pack
 
@@ -305,8 +306,7 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="what-if: evaluate conv models channels-last on CUDA too (both sides of the study)")
     args = p.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: there is no CUDA device here (without one, --device cpu runs a dry run)")
+    device_of(p, args)  # --device cuda without CUDA: one argparse error
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     what_if = apply_what_ifs(args)
     name += f" ({', '.join(what_if)})" if what_if else ""

@@ -97,7 +97,8 @@ def packed_twin(settings, data, first: dict, plain, reference: float, protocol) 
     where = "captured" if result.how.get("vaebench.step") == "cuda-graph" else "eager"
     same = all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values()))
     elbo = test_elbo(result, settings, data, protocol)
-    return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, |gap| {abs(elbo - reference):.2f} nats "
+    return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, "
+            f"|gap| {abs(elbo - reference):.2f} nats "
             f"(best epoch {result.best_epoch}); parameters {'bit-identical to' if same else 'not bit-identical to'} "
             f"the plain loop's")
 

@@ -8,17 +8,23 @@ from __future__ import annotations
 import argparse
 
 
-def device_and_data(p: argparse.ArgumentParser, args: argparse.Namespace, *, download: bool = False):
-    """The device `--device` names, then the dataset `--dataset` names under `--data-dir`. The flag
-    is checked first: without CUDA, `--device cuda` is one argparse error (exit 2) before any file
-    is looked for; missing dataset files are one line too."""
-    from vaebench.data import DatasetUnavailable, load_dataset
+def device_of(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """The device `--device` names; without CUDA, `--device cuda` is one argparse error (exit 2)."""
     from vaebench.train import resolve_device
 
     try:
-        device = resolve_device(args.device)
+        return resolve_device(args.device)
     except RuntimeError as e:
         p.error(str(e))
+
+
+def device_and_data(p: argparse.ArgumentParser, args: argparse.Namespace, *, download: bool = False):
+    """The device `--device` names, then the dataset `--dataset` names under `--data-dir`. The flag
+    is checked first (`device_of`), before any file is looked for; missing dataset files are one
+    line too."""
+    from vaebench.data import DatasetUnavailable, load_dataset
+
+    device = device_of(p, args)
     try:
         data = load_dataset(args.dataset, args.data_dir, download=download)
     except DatasetUnavailable as e:

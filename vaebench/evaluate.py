@@ -45,8 +45,8 @@ EVAL_SEED = 0  # the same posterior draws for every run
 # The devices on which `evaluate` runs a conv model's convolutions channels-last (NHWC). The values are
 # the same to float rounding (metrics 1e-8 apart on the CPU at our shapes, often bit for bit); what
 # changes is the speed of the decoder, which the IWAE estimate runs k times per image.
-# benchmarks/bench_layout.py measures both layouts in one run: CPU x1.3-1.4 (conv and deep_conv, MNIST). A device not listed has not been measured and keeps
-# PyTorch's channels-first default.
+# benchmarks/bench_layout.py measures both layouts in one run: CPU x1.3-1.4 (conv and deep_conv,
+# MNIST). A device not listed has not been measured and keeps PyTorch's channels-first default.
 CHANNELS_LAST = ("cpu",)
 
 
