@@ -310,7 +310,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     what_if = apply_what_ifs(args)
     name += f" ({', '.join(what_if)})" if what_if else ""
-    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    from vaebench.train import float32_math
+
+    print(f"device: {name}; torch {torch.__version__}; float32 math: {float32_math(torch.device(args.device))}",
+          flush=True)
     from vaebench.data import DatasetUnavailable
 
     lines = []

@@ -101,6 +101,7 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
     assert "(4 cells: --only arch=mlp latent_dim=2 beta=1 beta=4)" in out.stdout
     # the what-ifs (no-ops on the CPU) are named with the device, so no figure is read without them
     assert out.stdout.startswith("device: CPU (cudnn.benchmark, evaluation channels-last on CUDA); torch")
+    assert out.stdout.splitlines()[0].endswith("; float32 math: fp32")
     cells = re.findall(r"^  (vae-mlp-z2-b\d-\w+-digits-s0): (-[\d.]+) vs (-[\d.]+) \(best epoch (\d) vs (\d)\)$",
                        out.stdout, re.M)
     assert len(cells) == 4

@@ -69,6 +69,7 @@ def test_a_packed_sweep_logs_every_member_as_its_own_run_with_unchanged_results(
     assert set(packed["tags.vaebench.pack.size"]) == {"8"} and set(packed["tags.vaebench.engine"]) == {"packed"}
     assert set(packed["tags.vaebench.pack.members"].iloc[0].split(",")) == set(packed.index)
     assert set(packed["tags.vaebench.step"]) == {"eager"}  # compile: auto captures on CUDA only
+    assert set(packed["tags.vaebench.float32"]) == {"fp32"}  # TF32 exists on CUDA only
     # each run has its own settings as params, its own per-epoch curve and checkpoint
     assert sorted(packed["params.beta"].unique()) == ["0.5", "2.0"] and set(packed["params.seed"]) == {"0", "1"}
     client = mlflow.MlflowClient()
@@ -81,6 +82,7 @@ def test_a_packed_sweep_logs_every_member_as_its_own_run_with_unchanged_results(
 
     html = build_report(load_experiment(packed_file)).read_text()
     assert "8 runs packed, eager (in 1 pack)" in html
+    assert "<th>float32 math</th><td>fp32 (8 runs)</td>" in html
 
     # the same study one cell at a time, in another store: the same numbers
     alone_file = study(write_yaml, clustering=True, name="alone.yaml",

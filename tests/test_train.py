@@ -9,7 +9,7 @@ import torch
 
 from vaebench.config import RunSettings
 from vaebench.data import load_dataset
-from vaebench.train import dataset_for, lr_at, resolve_device, train
+from vaebench.train import dataset_for, float32_math, lr_at, resolve_device, train
 
 
 def settings(**kw) -> RunSettings:
@@ -105,6 +105,23 @@ def test_device_auto_is_cpu_here_and_cuda_is_checked() -> None:
             resolve_device("cuda:0")
         assert resolve_device("auto").type in {expected, "mps"}
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_float32_math_names_what_torch_lets_cuda_round_to_tf32() -> None:
+    cuda = torch.device("cuda")
+    assert float32_math(torch.device("cpu")) == "fp32"
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):  # torch's defaults
+            assert float32_math(cuda) == "matmul fp32, convolutions tf32"
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            assert float32_math(cuda) == "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            assert float32_math(cuda) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def test_should_stop_interrupts_between_batches(tmp_path) -> None:

@@ -94,12 +94,15 @@ def prepare(exp: Experiment, s: RunSettings, result: TrainResult, data: Dataset,
             score: bool = False) -> Job:
     """The device part, in the trainer's process: the protocol up to the codes (scored too with
     `score`, for an all-at-once caller)."""
+    from vaebench.train import float32_math
+
     model = result.model
     t0 = time.perf_counter()
     evaluation = _measure(exp, s, model, data, score=score)
     final = {"train/seconds": result.train_seconds, "train/epochs_run": result.epochs_run,
              "train/best_epoch": result.best_epoch, "eval/device_seconds": time.perf_counter() - t0}
-    tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device), **result.how}
+    tags = {"vaebench.stopped_early": result.stopped_early, "vaebench.device": str(result.device),
+            "vaebench.float32": float32_math(result.device), **result.how}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Job(exp, s, run_id, result.epochs_run, evaluation, state, tuple(model.in_shape), result.history,
                final, tags)

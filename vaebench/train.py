@@ -58,6 +58,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def float32_math(device: torch.device) -> str:
+    """How float32 products run on `device` under torch's current settings (a run tag): on CUDA,
+    cuDNN's convolutions default to TF32 (inputs rounded to 10-bit mantissas) while matrix products
+    stay fp32 unless `torch.set_float32_matmul_precision` says otherwise."""
+    if device.type != "cuda":
+        return "fp32"
+    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    conv = "tf32" if torch.backends.cudnn.enabled and torch.backends.cudnn.allow_tf32 else "fp32"
+    return matmul if matmul == conv else f"matmul {matmul}, convolutions {conv}"
+
+
 @dataclass
 class TrainResult:
     model: AutoEncoder

@@ -406,13 +406,14 @@ def _machine(parents: list[Any], cells: list[Any]) -> dict[str, list[str]]:
             value = run.data.tags.get(tag)
             if value and value not in out.setdefault(tag.split(".")[1], []):
                 out[tag.split(".")[1]].append(value)
-    devices: dict[str, int] = {}
-    for run in cells:
-        device = run.data.tags.get("vaebench.device")
-        if device:
-            devices[device] = devices.get(device, 0) + 1
-    if devices:
-        out["device"] = [f"{d} ({n} runs)" for d, n in sorted(devices.items(), key=lambda x: -x[1])]
+    for tag, key in (("vaebench.device", "device"), ("vaebench.float32", "float32 math")):
+        counts: dict[str, int] = {}
+        for run in cells:
+            value = run.data.tags.get(tag)
+            if value:
+                counts[value] = counts.get(value, 0) + 1
+        if counts:
+            out[key] = [f"{v} ({n} runs)" for v, n in sorted(counts.items(), key=lambda x: -x[1])]
     training = _training(cells)
     if training:
         out["training"] = training
