@@ -81,6 +81,49 @@ def test_console_script_smoke_run(tiny_file: Path) -> None:
     assert module.returncode == 0 and "2 cells" in module.stdout
 
 
+def console(*args: str, cwd: Path) -> subprocess.Popen:
+    exe = shutil.which("vaebench", path=os.path.dirname(sys.executable)) or shutil.which("vaebench")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line reaches the pipe when printed
+    return subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_ls_whose_reader_goes_away_stops_quietly(write_yaml) -> None:
+    """`vaebench ls big.yaml | head`: no error, no traceback, the exit code of a tool SIGPIPE stopped."""
+    path = write_yaml("""
+        name: wide
+        seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        defaults: {dataset: digits}
+        matrix:
+          latent_dim: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+          beta: [0.5, 1.0, 2.0, 4.0, 8.0]
+        """)  # 1,000 cells: a table far larger than a pipe's buffer
+    proc = console("ls", str(path), cwd=path.parent)
+    assert proc.stdout.readline().startswith("#")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == ""
+
+
+def test_a_sweep_whose_output_closes_stops_and_the_next_run_continues(tiny_file: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    import mlflow
+
+    proc = console("run", str(tiny_file), "--no-progress", cwd=tiny_file.parent)
+    assert proc.stdout.readline().startswith("experiment 'tiny': 2 cells, 2 to train")
+    proc.stdout.close()  # the first cell's line is the first write that fails
+    assert proc.wait(timeout=300) == 141
+    err = proc.stderr.read()
+    assert "stopped: the output was closed; finished cells are kept" in err and "Traceback" not in err
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_file.parent / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert list(parent["status"]) == ["KILLED"]  # the sweep did not finish
+    assert list(runs[runs["tags.mlflow.parentRunId"].notna()]["status"]) == ["FINISHED"]
+    assert main(["run", str(tiny_file), "--no-progress"]) == 0
+    assert "1 trained (0 resumed), 1 skipped (already finished), 0 failed" in capsys.readouterr().out
+
+
 def listening(pid: int) -> set[tuple[str, int]]:
     """(address, port) of every TCP socket that process `pid` or any of its descendants listens on
     (Linux: the process tree's socket inodes looked up in /proc/net/tcp and tcp6)."""

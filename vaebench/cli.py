@@ -1,7 +1,8 @@
 """`vaebench run / evaluate / tune / report / ls / ui`: `main(argv) -> int`, testable in process.
 
 Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (experiments file,
-flags), 130 interrupted (rerun to resume).
+flags), 130 interrupted (rerun to resume), 141 the output's reader went away (`| head`; as a Unix
+tool killed by SIGPIPE, and a sweep resumes from there).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+LONG_COMMANDS = ("run", "evaluate", "tune")  # a sweep that stops early says so
 
 
 def _err(msg: str) -> None:
@@ -326,7 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone before the last lines: here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # stdout's reader closed it (`vaebench ls ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, without a second error
+        if args.command in LONG_COMMANDS:
+            _err(f"stopped: the output was closed; finished cells are kept, run the same command again "
+                 f"to continue")
+        return EXIT_PIPE
     except ConfigError as e:
         _err(f"error: invalid experiments file\n{e}")
         return EXIT_USAGE

@@ -203,7 +203,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
             sweep.results += evaluator.drain()  # --fail-fast: what finished training still ends well
         if sweep.stopping or failed_here():
             status = "FAILED"
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or anything else that ends the sweep early (its output closed, ...)
         status = "KILLED"
         for run_id, key in zip(evaluator.pending_runs(), evaluator.pending_keys()):
             background.submit(tracking.finish, tracker, run_id, "KILLED")
