@@ -168,8 +168,10 @@ def main() -> None:
             counts = {f: kernels(*built[f], device) for f in built}
             if device.type == "cuda" and arch == "conv":  # built last: the autotuner off for the others
                 torch.backends.cudnn.benchmark = True
-                built["autotuned"] = build(args, data, arch, k, "flat")
-                torch.backends.cudnn.benchmark = False
+                try:
+                    built["autotuned"] = build(args, data, arch, k, "flat")
+                finally:
+                    torch.backends.cudnn.benchmark = False
             best = {f: float("inf") for f in built}
             for _ in range(3):  # interleaved, so warm-up and background load hit them alike
                 for f, (_, step) in built.items():
