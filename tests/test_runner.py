@@ -88,14 +88,22 @@ def test_a_failed_cell_does_not_stop_the_others(write_yaml, tmp_path: Path) -> N
     evaluate: {{iw_samples: 4, clustering: false, figures: false}}
     matrix:
       dataset: [mnist, digits]
+      latent_dim: [2, 3]
     """)
     summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
     assert summary.exit_code == 1
-    assert [r.spec.settings.dataset for r in summary.of("failed")] == ["mnist"]
-    assert [r.spec.settings.dataset for r in summary.of("trained")] == ["digits"]
+    assert [r.spec.settings.dataset for r in summary.of("failed")] == ["mnist", "mnist"]
+    assert [r.spec.settings.dataset for r in summary.of("trained")] == ["digits", "digits"]
     assert "DatasetUnavailable" in summary.of("failed")[0].error
     assert str(tmp_path / "empty") in summary.of("failed")[0].error
-    assert any("FAILED" in line for line in summary.lines())
+    # the summary says what to do about it (the error's own further lines), once for both cells
+    lines = summary.lines()
+    failed = [i for i, line in enumerate(lines) if line.startswith("  FAILED")]
+    assert len(failed) == 2
+    fix = lines[failed[0] + 1:failed[1]]
+    assert fix[0].startswith("    expected files: train-images-idx3-ubyte")
+    assert any(line.startswith(f"    to fix: copy torchvision-layout files into {tmp_path / 'empty'}") for line in fix)
+    assert lines[failed[1] + 1:] == []
 
 
 RESUMABLE = """

@@ -46,6 +46,7 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     note: str | None = None  # something the user should know (a damaged checkpoint, who has the cell)
     earlier: bool = False  # failed: in an earlier invocation, and not retried in this one (vaebench.attempts)
+    fix: str | None = None  # failed: what the error says to do about it, past its first line (missing data)
 
 
 # --- all at once ---------------------------------------------------------------------------------
@@ -215,6 +216,17 @@ def baseline_for(exp: Experiment, s: RunSettings, data: Dataset | None = None) -
                           cache_dir=exp.resolved_data_dir() / ".vaebench-cache")
 
 
+def _fix(error: BaseException) -> str | None:
+    """The lines after the first of an error written for the user to act on (a dataset's expected
+    files and how to supply them); other errors' further lines are SQL, URLs, internals."""
+    from vaebench.data import DatasetUnavailable
+
+    if not isinstance(error, DatasetUnavailable):
+        return None
+    rest = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
+    return "\n".join(rest) or None
+
+
 # --- evaluators ------------------------------------------------------------------------------------
 
 
@@ -285,7 +297,8 @@ class Evaluator:
                 tags["vaebench.diverged_at_epoch"] = error.epoch
             self.background.submit(tracking.mark_failed, self.tracker, run_id, tags)
         self.background.submit(claims.release, self.tracker, spec.key)
-        result = CellResult(spec, "failed", run_id, time.perf_counter() - started, error=message, note=note)
+        result = CellResult(spec, "failed", run_id, time.perf_counter() - started, error=message, note=note,
+                            fix=_fix(error))
         self._done.append(result)
         return result
 

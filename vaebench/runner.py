@@ -55,7 +55,12 @@ class Summary:
         if self.not_run:
             out.append(f"stopped at the first failure (--fail-fast): {self.not_run} cells not run; "
                        "run the same command again to continue")
-        out += [f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}" for r in self.of("failed")]
+        fixes: set[str] = set()
+        for r in self.of("failed"):
+            out.append(f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}")
+            if r.fix and r.fix not in fixes:  # what to do about it, once for the cells it holds back
+                fixes.add(r.fix)
+                out += [f"    {line}" for line in r.fix.splitlines()]
         out += [f"  {r.spec.name} [{r.spec.key}]: {r.note}" for r in self.of("claimed")]
         return out
 
