@@ -31,9 +31,10 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
     from vaebench import tracking
 
     if exp.tune is None:
-        raise ConfigError(exp.path or "", [" no `tune:` section; add one (see README, Tuning), e.g.\n"
-                                           "tune:\n  metric: test/elbo\n  direction: maximize\n  space:\n"
-                                           "    lr: {low: 1.0e-4, high: 1.0e-2, log: true}"])
+        # one line: a ConfigError shows each problem on one line (line breaks come out escaped)
+        raise ConfigError(exp.path or "", [" no `tune:` section; add one (see README, Tuning), e.g. "
+                                           "`tune: {metric: test/elbo, direction: maximize, space: "
+                                           "{lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}`"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from us
     try:
