@@ -200,6 +200,22 @@ def test_ui_serves_the_project_store_on_loopback(tiny_file: Path, flags: list[st
             pass
 
 
+def test_ui_on_a_port_in_use_says_so_instead_of_starting(tiny_file: Path) -> None:
+    """MLflow's server logs a failed bind among its start-up lines and exits 0; vaebench checks first.
+    In a subprocess: were the check missing, `ui` would replace the process it runs in."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "vaebench", "ui", str(tiny_file), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: port {port} on 127.0.0.1 is already in use" in proc.stderr
+    assert f"--port {port + 1}" in proc.stderr and "MLflow UI on" not in proc.stdout
+
+
 def test_unreachable_tracking_server_is_a_clear_error(tiny_file: Path, capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import socket

@@ -196,11 +196,42 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # One worker and no background job runners: a single user on a laptop, not a team server
     # (MLflow's defaults start 4 workers and 8 job processes, ~2 GB). The server replaces this
     # process, so stopping it (Ctrl-C, a signal) stops the whole server, children included.
+    problem = _cannot_listen(args.host, args.port)
+    if problem:  # said here: the server would log it among its start-up lines and exit 0
+        raise UsageError(problem)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
     os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     return EXIT_OK  # not reached
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port, or None: binding a socket the way it will."""
+    import errno
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"--host {host!r}: not a name or address this machine can resolve ({e.strerror})"
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: a port in TIME_WAIT is free
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use (another MLflow UI?); open that one, or pick "
+                        f"another port: --port {port + 1 if port < 65535 else 5000}")
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
+def _port(text: str) -> int:
+    value = _whole(text, 1)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {value}")
+    return value
 
 
 def _pack(text: str) -> str | int:
@@ -312,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_file("ls", "print the expanded matrix as a table (nothing is trained)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")
     ui.add_argument("file", nargs="?", help="the experiments file (its tracking store); default ./mlruns.db")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="TCP port (default 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     return p
 
