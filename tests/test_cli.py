@@ -51,6 +51,16 @@ def test_bad_only_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixtur
     assert not (tiny_file.parent / "mlruns.db").exists()
 
 
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
+def test_a_tune_timeout_that_is_no_time_limit_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture,
+                                                                value: str) -> None:
+    # -5 used to start a study that ran no trial, nan one without a limit
+    assert main(["tune", str(tiny_file), "--timeout", value]) == 2
+    err = capsys.readouterr().err
+    assert "argument --timeout:" in err and ("seconds > 0" in err or "is not a number" in err)
+    assert not (tiny_file.parent / "mlruns.db").exists()
+
+
 def test_invalid_file_exits_2_and_logs_nothing(write_yaml, capsys: pytest.CaptureFixture) -> None:
     path = write_yaml("name: x\nmatrix:\n  model: [vea]\n")
     assert main(["run", str(path)]) == 2

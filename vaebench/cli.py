@@ -267,6 +267,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ui": cmd_ui}
 
 
+def _seconds(text: str) -> float:
+    """A time limit: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("file", help="the experiments file")
     tune.add_argument("--trials", type=_positive_int, help="number of trials (overrides tune.n_trials)")
     tune.add_argument("--jobs", type=_positive_int, default=1, help="worker processes sharing the study")
-    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    tune.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
     tune.add_argument("--export", metavar="PATH", help="write the best settings as an experiments file")
     tune.add_argument("--storage", metavar="URL",
                       help="the Optuna storage (overrides tune.storage), e.g. postgresql://user@host/optuna")
