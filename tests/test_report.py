@@ -366,11 +366,15 @@ def test_report_from_the_cli(study: dict[str, Any], tmp_path: Path, capsys: pyte
     assert Page(out.read_text(encoding="utf-8")).tables["results-table"]
     assert main(["report", str(study["path"]), "--format", "csv", "--out", str(tmp_path / "t.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "t.csv")) == N_FINISHED + 1
-
-
-def test_build_time(study: dict[str, Any]) -> None:
-    # the whole build incl. reading MLflow, 12 figures and 28 gallery images; measured ~5-10 s
-    assert study["seconds"] < 60
+    # a directory: the report goes inside under its default name (it used to try a temporary
+    # file next to the directory and fail with IsADirectoryError)
+    folder = tmp_path / "reports-here"
+    folder.mkdir()
+    capsys.readouterr()
+    assert main(["report", str(study["path"]), "--format", "csv", "--out", str(folder)]) == 0
+    written = folder / default_output(study["exp"], "csv").name
+    assert f"report written to {written}" in capsys.readouterr().out
+    assert [p.name for p in folder.iterdir()] == [written.name] and len(pd.read_csv(written)) == N_FINISHED + 1
 
 
 def test_mlflow_ui_view_is_shared(study: dict[str, Any]) -> None:

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_flags(tune)
     report = sub.add_parser("report", help="(re)build the HTML report from what is in MLflow")
     report.add_argument("file", help="the experiments file")
-    report.add_argument("--out", metavar="PATH", help="output file (default reports/<name>.html next to the file)")
+    report.add_argument("--out", metavar="PATH", help="output file, or a directory to write it in (default reports/<name>.html next to the "
+                             "file)")
     report.add_argument("--format", choices=["html", "csv"], default="html")
     with_file("ls", "print the expanded matrix as a table (nothing is trained)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")

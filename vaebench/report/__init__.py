@@ -37,13 +37,15 @@ def build_report(exp: Experiment, out: str | os.PathLike | None = None, fmt: str
     """Read every run of `exp` from its tracking store and write the report; return its path.
 
     `out` defaults to `default_output(exp, fmt)`; a relative `out` is taken relative to the
-    working directory (as typed on the command line). Works with any number of runs, including
-    none (the report then says so)."""
+    working directory (as typed on the command line), and an existing directory gets the file under
+    its default name. Works with any number of runs, including none (the report then says so)."""
     from vaebench.report.collect import collect
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; allowed: {', '.join(FORMATS)}")
     path = Path(out).expanduser() if out else default_output(exp, fmt)
+    if path.is_dir():  # `--out /tmp`: as cp does, the file goes inside
+        path = path / default_output(exp, fmt).name
     data = collect(exp, images=fmt == "html")
     table = results_frame(data)
     csv_text = table.to_csv(index=False)
