@@ -16,6 +16,7 @@ from vaebench.config import EvaluateSettings, RunSettings, load_experiment
 from vaebench.data import load_dataset
 from vaebench.evaluate import evaluate, importance_weighted, iw_nll, pixel_baseline
 from vaebench.models import build_model
+from vaebench.report import default_output
 from vaebench.train import train
 
 
@@ -146,7 +147,12 @@ def test_vaebench_evaluate_redoes_the_evaluation_without_retraining(tiny_file: P
     exp = load_experiment(tiny_file)
     mlflow.set_tracking_uri(exp.resolved_tracking_uri())
     before = mlflow.search_runs(experiment_names=["tiny"])
+    report = default_output(exp)
+    report.unlink()  # written by `run`; `evaluate` writes it again
+    assert main(["evaluate", str(tiny_file), "--iw-samples", "16", "--no-report"]) == 0
+    assert not report.exists()
     assert main(["evaluate", str(tiny_file), "--iw-samples", "16"]) == 0
+    assert report.exists()
     after = mlflow.search_runs(experiment_names=["tiny"])
     assert len(after) == len(before), "no new runs"
     cell = after[after["tags.vaebench.kind"] == "cell"].iloc[0]

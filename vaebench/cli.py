@@ -130,10 +130,13 @@ def _write_report(exp: Any, file: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaebench.runner import evaluate_experiment
 
+    exp = _load(args)
     overrides = {"iw_samples": args.iw_samples} if args.iw_samples else {}
-    summary = evaluate_experiment(_load(args), only=_only(args), overrides=overrides)
+    summary = evaluate_experiment(exp, only=_only(args), overrides=overrides)
     for line in summary.lines():
         print(line)
+    if not args.no_report:  # the new figures replace the old ones there, as after `run`
+        _write_report(exp, args.file)
     return summary.exit_code
 
 
@@ -337,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_positive_int, metavar="K",
                     help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
+    ev.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report afterwards")
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
         "Run (or resume) the Optuna study defined under `tune:`; every trial is an MLflow run."))
     tune.add_argument("file", help="the experiments file")
