@@ -146,20 +146,47 @@ def test_killed_run_resumes_from_its_last_checkpoint(write_yaml, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_ctrl_c_marks_the_run_killed_and_exits_130(write_yaml, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "stopped by SIGTERM")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_marks_the_run_killed_and_exits_128_plus_the_signal(write_yaml, tmp_path: Path, sig: int,
+                                                                              code: int, said: str) -> None:
+    """A scheduler's SIGTERM (Slurm, Kubernetes, `timeout`) stops the sweep as Ctrl-C does: at the
+    end of the batch, the run KILLED with its checkpoint, resumable."""
     path = write_yaml(RESUMABLE)
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "run the same command again to resume" in err
+    assert proc.returncode == code, err
+    assert "stopping at the end of the current batch" in err
+    assert f"{said}: finished cells are kept; run the same command again to resume" in err
     cells, parents = child_runs(path)
     assert list(cells["status"]) == ["KILLED"] and list(parents["status"]) == ["KILLED"]
     summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
     assert len(summary.of("resumed")) == 1
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_whole_process_group_stops_every_worker_cleanly(write_yaml, tmp_path: Path) -> None:
+    """What a scheduler does: SIGTERM to the process group, workers included. Each worker stops at
+    its next batch (as on Ctrl-C), so both cells end KILLED with their checkpoints and resume."""
+    path = write_yaml(RESUMABLE.replace("beta: [1.0]", "beta: [1.0, 2.0]").replace("epochs: 30", "epochs: 80"))
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress", "--jobs", "2"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    cells, parents = child_runs(path)
+    assert list(cells["status"]) == ["KILLED", "KILLED"] and list(parents["status"]) == ["KILLED"]
+    summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
+    assert len(summary.of("resumed")) == 2 and summary.exit_code == 0
 
 
 @pytest.mark.slow

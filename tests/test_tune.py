@@ -220,6 +220,39 @@ def trial_states(db: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_ends_the_running_trials_as_ctrl_c_does(write_yaml, tmp_path: Path, jobs: int) -> None:
+    """A scheduler's SIGTERM (to the process; with --jobs, to the whole process group): each trial
+    in progress is recorded (Optuna FAIL, its MLflow run KILLED and tagged), not left RUNNING for the
+    next start to clean up; exit code 143; a rerun finishes the study."""
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=150)
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "tune", str(path), "--jobs", str(jobs)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    states: list[str] = []
+    # one process: inside its second trial; two: inside the first trial of each
+    while time.time() < deadline and (states[1:] != ["RUNNING"] if jobs == 1 else states != ["RUNNING"] * 2):
+        time.sleep(0.1)
+        states = trial_states(tmp_path / "optuna.db")
+    time.sleep(0.5)
+    if jobs == 1:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    stopped = ["COMPLETE", "FAIL"] if jobs == 1 else ["FAIL", "FAIL"]
+    assert trial_states(tmp_path / "optuna.db") == stopped
+    trials = runs_of(path)
+    trials = trials[trials["tags.vaebench.kind"] == "trial"].sort_values("tags.vaebench.trial_number")
+    assert list(trials["status"]) == ["FINISHED" if s == "COMPLETE" else "KILLED" for s in stopped]
+    assert list(trials["tags.vaebench.error"].fillna("")) == ["" if s == "COMPLETE" else "interrupted" for s in stopped]
+    assert tune_experiment(load_experiment(path), echo=quiet()) == 0
+    assert trial_states(tmp_path / "optuna.db").count("COMPLETE") == 2
+
+
+@pytest.mark.slow
 def test_killed_process_resumes_from_storage(write_yaml, tmp_path: Path) -> None:
     # a trial long enough (seconds) that the kill lands inside it, however fast the machine trains
     path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=150)

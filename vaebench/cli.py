@@ -1,8 +1,11 @@
 """`vaebench run / evaluate / tune / report / ls / ui`: `main(argv) -> int`, testable in process.
 
 Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (experiments file,
-flags), 130 interrupted (rerun to resume), 141 the output's reader went away (`| head`; as a Unix
-tool killed by SIGPIPE, and a sweep resumes from there).
+flags), 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (rerun to resume), 141 the output's
+reader went away (`| head`; as a Unix tool killed by SIGPIPE, and a sweep resumes from there).
+
+SIGTERM (a scheduler's stop, `kill`, `timeout`) is taken as Ctrl-C is: `run` stops at the end of
+the current batch, every other command stops as if interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141  # stopped by a signal: 128 + it
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+_received: list[int] = []  # the stop signals this process got, in order (its exit code is 128 + the first)
 LONG_COMMANDS = ("run", "evaluate", "tune")  # a sweep that stops early says so
 
 
@@ -63,20 +68,28 @@ def graceful_interrupt() -> Iterator[Callable[[], bool]]:
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
+        _received.append(signum)
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        _err("\nstopping at the end of the current batch (Ctrl-C again to stop at once)")
+        _err(f"\nstopping at the end of the current batch ({STOP_SIGNALS[signum]} again to stop at once)")
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
         yield stop.is_set
         return
     try:
         yield stop.is_set
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM outside a sweep: what Ctrl-C does (KeyboardInterrupt, with its clean-up)."""
+    _received.append(signum)
+    raise KeyboardInterrupt
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -353,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_flags(tune)
     report = sub.add_parser("report", help="(re)build the HTML report from what is in MLflow")
     report.add_argument("file", help="the experiments file")
-    report.add_argument("--out", metavar="PATH", help="output file, or a directory to write it in (default reports/<name>.html next to the "
-                             "file)")
+    report.add_argument("--out", metavar="PATH", help="output file, or a directory to write it in "
+                                                      "(default reports/<name>.html next to the file)")
     report.add_argument("--format", choices=["html", "csv"], default="html")
     with_file("ls", "print the expanded matrix as a table (nothing is trained)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (localhost only)")
@@ -365,15 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vaebench.config import ConfigError
-    from vaebench.cluster import ClusterError
-    from vaebench.runner import SelectionError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
+    _received.clear()
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:  # main() called in process (tests) leaves the handler as it was
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The command, its errors turned into one message and an exit code."""
+    from vaebench.config import ConfigError
+    from vaebench.cluster import ClusterError
+    from vaebench.runner import SelectionError
+
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader gone before the last lines: here, not at interpreter exit
@@ -395,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"error: {e}")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        _err("interrupted: finished cells are kept; run the same command again to resume")
-        return EXIT_INTERRUPTED
+        by = _received[0] if _received else signal.SIGINT
+        _err(f"{'interrupted' if by == signal.SIGINT else 'stopped by SIGTERM'}: finished cells are kept; "
+             f"run the same command again to resume")
+        return 128 + by  # 130 (Ctrl-C) or 143 (SIGTERM), as a shell reports a process the signal ended
     except Exception as e:  # noqa: BLE001 - a message, not a traceback (VAEBENCH_DEBUG=1 shows it)
         if os.environ.get("VAEBENCH_DEBUG"):
             raise

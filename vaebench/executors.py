@@ -134,10 +134,11 @@ def _init_worker(threads: int, gpu_ids: Any, stop: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    # Ctrl-C reaches the whole process group: workers stop at their next batch, cleanly. The
-    # event is shared with the parent, which sets it for --fail-fast.
+    # Ctrl-C reaches the whole process group (and a scheduler's SIGTERM often does): workers stop
+    # at their next batch, cleanly. The event is shared with the parent, which sets it for --fail-fast.
     _WORKER["stop"] = stop
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:

@@ -437,7 +437,8 @@ def _init_eval_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer's process handles Ctrl-C and shuts the pool down
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the trainer's process handles them and shuts the pool down
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _tracker(uri: str, experiment: str) -> tracking.Tracker:

@@ -90,6 +90,7 @@ def _alive(pid: Any) -> bool:
 def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int, threads: int,
             queue: Any) -> None:
     """Entry point of a spawned worker process."""
+    import signal
     import sys
 
     import optuna
@@ -97,10 +98,15 @@ def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to the group: as Ctrl-C, the trial is recorded
     try:
         optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: queue.put(f"[worker {worker}] {line}"))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs: int,
