@@ -169,10 +169,21 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed_and_exits_128_plus_the_signal(wr
     assert len(summary.of("resumed")) == 1
 
 
+def test_a_pool_worker_told_to_terminate_exits_after_its_grace_even_when_busy() -> None:
+    """A pool that terminates its workers (one of them was killed) joins them: a worker that only
+    took SIGTERM as a request to stop would keep it waiting forever."""
+    code = ("import time; from vaebench.results import exit_after_grace; "
+            "exit_after_grace(15, seconds=0.5); time.sleep(60)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr  # the grace ended it, not the sleep (which exits 0)
+
+
 @pytest.mark.slow
-def test_a_sigterm_to_the_whole_process_group_stops_every_worker_cleanly(write_yaml, tmp_path: Path) -> None:
-    """What a scheduler does: SIGTERM to the process group, workers included. Each worker stops at
-    its next batch (as on Ctrl-C), so both cells end KILLED with their checkpoints and resume."""
+@pytest.mark.parametrize("to", ["group", "main"])
+def test_a_sigterm_stops_every_worker_cleanly(write_yaml, tmp_path: Path, to: str) -> None:
+    """A scheduler's SIGTERM to the process group, workers included (Slurm, systemd), or to the main
+    process alone (`kill PID`, Kubernetes): each worker stops at its next batch (as on Ctrl-C), so
+    both cells end KILLED with their checkpoints and resume."""
     path = write_yaml(RESUMABLE.replace("beta: [1.0]", "beta: [1.0, 2.0]").replace("epochs: 30", "epochs: 80"))
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress", "--jobs", "2"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -180,7 +191,10 @@ def test_a_sigterm_to_the_whole_process_group_stops_every_worker_cleanly(write_y
     deadline = time.time() + 180
     while time.time() < deadline and len(list((tmp_path / "mlartifacts").glob("**/checkpoints/last.pt"))) < 2:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:  # the main process passes the stop on to its workers
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     cells, parents = child_runs(path)

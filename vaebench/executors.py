@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 from vaebench import tracking
 from vaebench.config import Experiment
 from vaebench.plan import Unit
-from vaebench.results import CellResult, Evaluator
+from vaebench.results import CellResult, Evaluator, exit_after_grace
 from vaebench.units import run_unit
 
 
@@ -56,8 +56,10 @@ class LocalExecutor:
 
 
 class PoolExecutor:
-    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0):
+    def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0,
+                 should_stop: Callable[[], bool] | None = None):
         self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
+        self.should_stop = should_stop  # polled while the workers train: a stop asked of this process reaches them
         self._stop: Any = None  # a multiprocessing Event the workers share
 
     def stop(self) -> None:
@@ -66,7 +68,7 @@ class PoolExecutor:
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         units = list(units)
         ctx = multiprocessing.get_context("spawn")
@@ -79,9 +81,14 @@ class PoolExecutor:
                                  initializer=_init_worker, initargs=(threads, gpu_ids, self._stop)) as pool:
             futures = [pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id)
                        for unit in units]
+            pending = set(futures)
             try:
-                for future in as_completed(futures):
-                    yield from future.result()
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if self.should_stop is not None and self.should_stop():  # SIGTERM to this process only
+                        self._stop.set()
+                    for future in done:
+                        yield from future.result()
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
@@ -135,10 +142,11 @@ def _init_worker(threads: int, gpu_ids: Any, stop: Any) -> None:
 
     torch.set_num_threads(threads)
     # Ctrl-C reaches the whole process group (and a scheduler's SIGTERM often does): workers stop
-    # at their next batch, cleanly. The event is shared with the parent, which sets it for --fail-fast.
+    # at their next batch, cleanly. The event is shared with the parent, which sets it for --fail-fast
+    # and when it is asked to stop itself.
     _WORKER["stop"] = stop
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda signum, _: (stop.set(), exit_after_grace(signum)))
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:

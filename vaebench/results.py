@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -431,14 +433,29 @@ class PoolEvaluator(Evaluator):
 _WORKER: dict[str, Any] = {}  # per evaluation worker process: its trackers
 
 
+WORKER_GRACE = 60.0  # seconds a pool worker has, after SIGTERM, to end its batch and mark its runs
+
+
+def exit_after_grace(signum: int, seconds: float = WORKER_GRACE) -> None:
+    """SIGTERM in a pool worker: exit within `seconds` however it is busy. A worker that took
+    SIGTERM only as a request to stop would keep a pool that terminates its workers (a broken pool:
+    another worker was killed) waiting for it forever; this one ends its batch and its runs' marks
+    first when it can, and its pool shuts it down earlier when the sweep stops."""
+    timer = threading.Timer(seconds, os._exit, (128 + signum,))
+    timer.daemon = True
+    timer.start()
+
+
 def _init_eval_worker() -> None:
     import signal
 
     import torch
 
     torch.set_num_threads(1)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the trainer's process handles them and shuts the pool down
-        signal.signal(sig, signal.SIG_IGN)
+    # the trainer's process handles Ctrl-C and SIGTERM and shuts the pool down; a SIGTERM here (the
+    # whole group got it) lets the evaluation in hand finish, within a grace period
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _: exit_after_grace(signum))
 
 
 def _tracker(uri: str, experiment: str) -> tracking.Tracker:

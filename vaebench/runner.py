@@ -250,7 +250,7 @@ class _Sweep:
                                         gpus=self.ray.gpus, cpus=self.ray.cpus)
         elif self.jobs > 1 and len(units) > 1:
             executor = PoolExecutor(self.exp, self.tracker, self.parent_id, self.jobs,
-                                         gpus=self.gpus if self.gpus > 1 else 0)
+                                    gpus=self.gpus if self.gpus > 1 else 0, should_stop=self.stop)
         else:
             executor = LocalExecutor(self.exp, self.tracker, self.parent_id, self.evaluator, self.background,
                                      progress=self.progress, should_stop=self.stop)
