@@ -106,6 +106,21 @@ def test_a_failed_cell_does_not_stop_the_others(write_yaml, tmp_path: Path) -> N
     assert lines[failed[1] + 1:] == []
 
 
+def test_a_study_deleted_in_mlflow_is_restored_and_the_user_told(tiny_file: Path) -> None:
+    assert run_experiment(load_experiment(tiny_file), progress=False, echo=lambda s: None).exit_code == 0
+    exp = load_experiment(tiny_file)
+    client = mlflow.MlflowClient(exp.resolved_tracking_uri())
+    client.delete_experiment(client.get_experiment_by_name("tiny").experiment_id)  # the UI's delete
+    lines: list[str] = []
+    summary = run_experiment(exp, progress=False, echo=lines.append)
+    assert "experiment 'tiny' had been deleted in MLflow (it was in the trash): restored" in lines[0]
+    assert len(summary.of("skipped")) == 2
+    assert client.get_experiment_by_name("tiny").lifecycle_stage == "active"
+    lines.clear()
+    run_experiment(exp, progress=False, echo=lines.append)
+    assert not any("had been deleted" in line for line in lines), lines  # said once, when it happened
+
+
 RESUMABLE = """
 name: tiny
 defaults: {dataset: digits, model: vae, epochs: 30, batch_size: 16, max_train_samples: 320, latent_dim: 2,

@@ -141,6 +141,8 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
 
     specs = select(expand(exp), only or {})
     tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    if tracker.restored:
+        echo(tracking.restored_note(exp.name))
     existing = tracking.runs_by_key(tracker)
     force_since = int(time.time() * 1000) if force else None
     results: list[CellResult] = []
@@ -371,6 +373,8 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
             {**exp.evaluate.model_dump(), **overrides})})
     specs = select(expand(exp), only or {})
     tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    if tracker.restored:
+        echo(tracking.restored_note(exp.name))
     existing = tracking.runs_by_key(tracker)
     results: list[CellResult] = []
     for i, spec in enumerate(specs):

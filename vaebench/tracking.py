@@ -70,6 +70,7 @@ class Tracker:
     client: Any  # mlflow.MlflowClient (wrapped in RetryingClient by `connect`)
     experiment_id: str
     uri: str
+    restored: bool = False  # the experiment was in MLflow's trash (deleted in the UI) and `connect` restored it
     # per run id: its artifact root and the digest of the checkpoint it holds (this process's view)
     roots: dict[str, str] = field(default_factory=dict, repr=False)
     digests: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
@@ -258,10 +259,16 @@ def connect(uri: str, experiment_name: str) -> Tracker:
             exp_id = client.get_experiment_by_name(experiment_name).experiment_id
     elif exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
-        exp_id = exp.experiment_id
+        return Tracker(client=client, experiment_id=exp.experiment_id, uri=uri, restored=True)
     else:
         exp_id = exp.experiment_id
     return Tracker(client=client, experiment_id=exp_id, uri=uri)
+
+
+def restored_note(experiment_name: str) -> str:
+    """What to tell the user when `connect` brought their deleted experiment back."""
+    return (f"experiment {experiment_name!r} had been deleted in MLflow (it was in the trash): restored, with "
+            f"its runs, which count as done; to start over, give the study another `name` or use --force")
 
 
 @contextlib.contextmanager
