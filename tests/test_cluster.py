@@ -287,3 +287,20 @@ def test_a_ray_worker_killed_mid_cell_leaves_every_cell_finished_exactly_once(ra
     assert len(resumed) == 1
     steps = sorted(m.step for m in client.get_metric_history(resumed[0].info.run_id, "train/loss"))
     assert steps == list(range(epochs)), "every epoch logged exactly once"
+
+
+@pytest.mark.parametrize("form", ["{}", "ray://{}"])
+def test_a_cluster_address_where_nothing_answers_is_one_clear_error(tiny_file: Path, form: str) -> None:
+    """Ray waits on such an address for minutes (measured: still waiting after 11 min); vaebench
+    tries one TCP connection first and says what to do. In a process of its own: this one may be
+    connected to the other tests' cluster already."""
+    from vaebench.cluster import unreachable
+
+    address = form.format(f"127.0.0.1:{free_port()}")  # bound, then released: nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "vaebench", "run", str(tiny_file), "--no-progress",
+                           "--executor", "ray", "--ray-address", address],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: could not connect to the Ray cluster at {address}: nothing answers there" in proc.stderr
+    assert "ray start --head" in proc.stderr and "Traceback" not in proc.stderr
+    assert unreachable("auto") is None and unreachable(None) is None  # left to Ray, which finds its own

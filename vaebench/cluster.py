@@ -13,9 +13,11 @@ data directory (README, "Running on a cluster").
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 TASK_RETRIES = 3  # a task whose worker process or node died is run again (elsewhere), this often
+PROBE_SECONDS = 5.0  # how long a cluster's address has to accept a TCP connection before Ray is asked
 
 
 class ClusterError(RuntimeError):
@@ -31,6 +33,10 @@ def connect(address: str | None) -> Any:
         raise ClusterError("--executor ray needs Ray: pip install 'vaebench[cluster]' (the same version on "
                            "every node)") from None
     if not ray.is_initialized():
+        problem = unreachable(address if address is not None else os.environ.get("RAY_ADDRESS"))
+        if problem:  # Ray itself waits on an address where nothing answers for minutes, or for ever
+            raise ClusterError(f"{problem}; start it with `ray start --head` (then --ray-address auto) or "
+                               f"leave --ray-address out")
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -38,6 +44,24 @@ def connect(address: str | None) -> Any:
             raise ClusterError(f"could not connect to the Ray cluster at {where}: {e}; start it with "
                                f"`ray start --head` (then --ray-address auto) or leave --ray-address out") from None
     return ray
+
+
+def unreachable(address: str | None, seconds: float = PROBE_SECONDS) -> str | None:
+    """Why nothing can be reached at a HOST:PORT (or ray://HOST:PORT) cluster address, or None:
+    one TCP connection tried. `auto`, None and addresses without a port are left to Ray."""
+    import socket
+
+    if not address or address == "auto":
+        return None
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds):
+            return None
+    except OSError as e:
+        return f"could not connect to the Ray cluster at {address}: nothing answers there ({e.strerror or e})"
 
 
 def gpus(ray: Any) -> float:
