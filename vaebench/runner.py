@@ -140,9 +140,7 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     from vaebench.train import resolve_device
 
     specs = select(expand(exp), only or {})
-    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
-    if tracker.restored:
-        echo(tracking.restored_note(exp.name))
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name, echo)
     existing = tracking.runs_by_key(tracker)
     force_since = int(time.time() * 1000) if force else None
     results: list[CellResult] = []
@@ -372,9 +370,7 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
         exp = exp.model_copy(update={"evaluate": exp.evaluate.model_validate(
             {**exp.evaluate.model_dump(), **overrides})})
     specs = select(expand(exp), only or {})
-    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
-    if tracker.restored:
-        echo(tracking.restored_note(exp.name))
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name, echo)
     existing = tracking.runs_by_key(tracker)
     results: list[CellResult] = []
     for i, spec in enumerate(specs):

@@ -70,7 +70,6 @@ class Tracker:
     client: Any  # mlflow.MlflowClient (wrapped in RetryingClient by `connect`)
     experiment_id: str
     uri: str
-    restored: bool = False  # the experiment was in MLflow's trash (deleted in the UI) and `connect` restored it
     # per run id: its artifact root and the digest of the checkpoint it holds (this process's view)
     roots: dict[str, str] = field(default_factory=dict, repr=False)
     digests: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
@@ -234,7 +233,9 @@ def _quiet_mlflow_db_errors() -> None:
         _FILTERED = True
 
 
-def connect(uri: str, experiment_name: str) -> Tracker:
+def connect(uri: str, experiment_name: str, echo: Callable[[str], None] | None = None) -> Tracker:
+    """The experiment's tracker, the experiment created when missing, and restored (said through
+    `echo`, when given) when it was deleted in MLflow: its runs then count as done."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -259,16 +260,13 @@ def connect(uri: str, experiment_name: str) -> Tracker:
             exp_id = client.get_experiment_by_name(experiment_name).experiment_id
     elif exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
-        return Tracker(client=client, experiment_id=exp.experiment_id, uri=uri, restored=True)
+        exp_id = exp.experiment_id
+        if echo is not None:
+            echo(f"experiment {experiment_name!r} had been deleted in MLflow (it was in the trash): restored, "
+                 f"with its runs, which count as done; to start over, give the study another `name` or use --force")
     else:
         exp_id = exp.experiment_id
     return Tracker(client=client, experiment_id=exp_id, uri=uri)
-
-
-def restored_note(experiment_name: str) -> str:
-    """What to tell the user when `connect` brought their deleted experiment back."""
-    return (f"experiment {experiment_name!r} had been deleted in MLflow (it was in the trash): restored, with "
-            f"its runs, which count as done; to start over, give the study another `name` or use --force")
 
 
 @contextlib.contextmanager

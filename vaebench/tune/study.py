@@ -47,9 +47,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
         for point in exp.tune.enqueue:
             dims = {d.key: d for d in dimensions(exp)}
             study.enqueue_trial({k: dims[k].encode(v) for k, v in point.items()}, skip_if_exists=True)
-        tracker = tracking.connect(plan.tracking_uri, exp.name)
-        if tracker.restored:
-            echo(tracking.restored_note(exp.name))
+        tracker = tracking.connect(plan.tracking_uri, exp.name, echo)
         plan.parent_id = _parent_run(plan, tracker)
         fail_orphans(study, plan, echo)
         before = {t.number for t in study.get_trials(deepcopy=False)}
