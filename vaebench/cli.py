@@ -410,8 +410,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, without a second error
         if args.command in LONG_COMMANDS:
-            _err(f"stopped: the output was closed; finished cells are kept, run the same command again "
-                 f"to continue")
+            _err("stopped: the output was closed; finished cells are kept, run the same command again "
+                 "to continue")
         return EXIT_PIPE
     except ConfigError as e:
         _err(f"error: invalid experiments file\n{e}")
