@@ -151,7 +151,8 @@ def test_cifar10_reading_roundtrip(tmp_path: Path) -> None:
 def test_cifar10_files_failing_the_md5_check_are_reported(tmp_path: Path) -> None:
     folder = _write_cifar(tmp_path)
     for download in (False, True):  # never downloads over files that are there
-        with pytest.raises(DatasetUnavailable, match="could not be read; they fail torchvision's MD5") as e:
+        with pytest.raises(DatasetUnavailable, match="could not be read; data_batch_1, .*batches.meta fail "
+                                                     "torchvision's MD5") as e:
             load_dataset("cifar10", tmp_path, download=download)
         assert str(folder.resolve()) in str(e.value)
 
@@ -168,6 +169,33 @@ def test_unreadable_and_truncated_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(DatasetUnavailable, match="could not extract"):
         load_dataset("kmnist", tmp_path / "gz", download=False)
     assert not (raw / "train-labels-idx1-ubyte").exists() and not list(raw.glob("*.part"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(14)),
+     "t10k-labels-idx1-ubyte is not an IDX file of labels .*00000803, expected 00000801"),
+    (lambda raw: (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:-100]),
+     r"train-images-idx3-ubyte is 15596 bytes, its header says 20 x 28 x 28 \(15696 bytes\): cut short"),
+    (lambda raw: _write_idx(raw / "train-labels-idx1-ubyte", _labels(N_TRAIN - 5)),
+     "train-images-idx3-ubyte has 20 images but train-labels-idx1-ubyte has 15 labels"),
+])
+def test_malformed_idx_files_are_named(tmp_path: Path, damage: object, message: str) -> None:
+    # torchvision's own reader says only "AssertionError", or drops the images past the last label
+    raw = _write_mnist_like(tmp_path, "FashionMNIST")
+    damage(raw)  # type: ignore[operator]
+    with pytest.raises(DatasetUnavailable, match=f"could not be read; {message}") as e:
+        load_dataset("fashion_mnist", tmp_path, download=False)
+    assert str(raw.resolve()) in str(e.value)
+
+
+def test_too_few_training_images_for_a_validation_split(tmp_path: Path) -> None:
+    _write_png(tmp_path / "two" / "a.png", (4, 4), (0, 0, 0))
+    _write_png(tmp_path / "two" / "b.png", (4, 4), (9, 9, 9))
+    _write_png(tmp_path / "two" / "c.png", (4, 4), (9, 9, 9))
+    with pytest.raises(DatasetUnavailable, match="has 1 training image.*val_fraction 0.1.*at least 2"):
+        load_dataset("image_folder", tmp_path, options={"path": str(tmp_path / "two"), "test_fraction": 0.5})
+    ds = load_dataset("image_folder", tmp_path, options={"path": str(tmp_path / "two"), "test_fraction": 0.3})
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (1, 1, 1)
 
 
 @pytest.mark.parametrize("name, subdir, a_file", [
@@ -309,7 +337,7 @@ def test_image_folder_flat_resized_mixed_formats(tmp_path: Path) -> None:
 
 def test_image_folder_errors(tmp_path: Path) -> None:
     def load(path: Path, **opts: object) -> Dataset:
-        return load_dataset("image_folder", tmp_path, options={"path": str(path), **opts})
+        return load_dataset("image_folder", tmp_path, val_fraction=0.0, options={"path": str(path), **opts})
 
     with pytest.raises(DatasetUnavailable, match=str(tmp_path / "nope")):
         load(tmp_path / "nope")
@@ -319,19 +347,19 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 
     _write_png(tmp_path / "mixed" / "a.png", (8, 8), (0, 0, 0))
     _write_png(tmp_path / "mixed" / "b.png", (9, 8), (0, 0, 0))
-    with pytest.raises(ValueError, match="size") as e:
+    with pytest.raises(DatasetUnavailable, match="size") as e:
         load(tmp_path / "mixed")
     assert str((tmp_path / "mixed").resolve()) in str(e.value)
     assert load(tmp_path / "mixed", size=8).shape == (3, 8, 8)
 
     (tmp_path / "mixed" / "c.png").write_bytes(b"not a png")
     data.clear_cache()  # the cache is keyed on the options, not on the folder's contents
-    with pytest.raises(ValueError, match="c.png"):
+    with pytest.raises(DatasetUnavailable, match="c.png"):
         load(tmp_path / "mixed", size=8)
 
     _write_png(tmp_path / "both" / "top.png", (8, 8), (0, 0, 0))
     _write_png(tmp_path / "both" / "cls" / "x.png", (8, 8), (0, 0, 0))
-    with pytest.raises(ValueError, match="one layout"):
+    with pytest.raises(DatasetUnavailable, match="one layout"):
         load(tmp_path / "both")
 
     with pytest.raises(ValidationError):
@@ -372,3 +400,29 @@ def test_split_checks_its_contract() -> None:
     with pytest.raises(ValueError, match="int64"):
         Split(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
     assert len(Split(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))) == 2
+
+
+def test_image_folder_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    # PIL's convert("L") clips 16-bit values to 255: a 0..65535 ramp would come out almost all white
+    ramp = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)  # 0, 4369, ..., 65535
+    for i in range(4):
+        Image.fromarray(ramp).save(tmp_path / f"{i}.png")
+    assert Image.open(tmp_path / "0.png").mode in data.WIDE_GRAY_MODES  # a real 16-bit file
+    for channels in (1, 3):
+        ds = load_dataset("image_folder", tmp_path / "d", val_fraction=0.0,
+                          options={"path": str(tmp_path), "channels": channels, "test_fraction": 0.25})
+        expected = torch.arange(16).reshape(4, 4) * 17  # 0, 17, ..., 255: the same ramp in 8 bits
+        for c in range(channels):
+            assert torch.equal(ds.test.x[0, c].long(), expected)
+
+
+def test_image_folder_skips_hidden_files_and_takes_relative_paths_from_base_dir(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    for i in range(4):
+        _write_png(study / "imgs" / "a" / f"{i}.png", (4, 4), (0, 0, 0))
+    (study / "imgs" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    ds = load_dataset("image_folder", tmp_path / "d", options={"path": "imgs"}, base_dir=study)
+    assert ds.source == str((study / "imgs").resolve())
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 4
+    with pytest.raises(DatasetUnavailable, match=str(tmp_path / "imgs")):  # the default base: the working dir
+        load_dataset("image_folder", tmp_path / "d", options={"path": "imgs"}, base_dir=tmp_path)

@@ -106,6 +106,45 @@ def test_a_failed_cell_does_not_stop_the_others(write_yaml, tmp_path: Path) -> N
     assert lines[failed[1] + 1:] == []
 
 
+def test_an_image_folder_beside_the_file_a_bad_image_and_one_class(write_yaml, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # path: relative to the experiments file, wherever vaebench runs from
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):  # flat: one class
+        Image.fromarray(torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG cut short")
+    path = write_yaml("""
+    name: tiny
+    defaults: {dataset: image_folder, dataset_options: {image_folder: {path: imgs, channels: 1}}, epochs: 1,
+               arch_options: {mlp: {hidden: [16]}}}
+    evaluate: {iw_samples: 4, figures: false}
+    matrix: {model: [vae]}
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp = load_experiment(path)
+    first = run_experiment(exp, progress=False, echo=lambda s: None)
+    assert first.exit_code == 1 and "DatasetUnavailable" in first.of("failed")[0].error
+    assert f"cannot read {folder / 'bad.png'}" in first.of("failed")[0].error
+
+    (folder / "bad.png").unlink()  # a data problem: fixed, the rerun trains the cell
+    again = run_experiment(exp, progress=False, echo=lambda s: None)
+    assert again.exit_code == 0 and len(again.of("trained")) == 1
+    cells, _ = child_runs(path)
+    done = cells[cells["status"] == "FINISHED"].iloc[0]
+    assert done["tags.vaebench.dataset_source"] == str(folder)
+    # one class: clustering scores would all be 1; they are absent, as not applicable
+    assert done["metrics.test/elbo"] < 0 and "metrics.test/recon_mse" in done
+    for key in ("metrics.test/kmeans_acc", "metrics.test/probe_acc", "metrics.baseline/kmeans_acc"):
+        assert key not in done or done.isna()[key], key
+    assert "test/kmeans_acc" in done["tags.vaebench.not_applicable"].split(",")
+
+
 def test_a_study_deleted_in_mlflow_is_restored_and_the_user_told(tiny_file: Path) -> None:
     assert run_experiment(load_experiment(tiny_file), progress=False, echo=lambda s: None).exit_code == 0
     exp = load_experiment(tiny_file)

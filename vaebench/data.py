@@ -14,6 +14,7 @@ import contextlib
 import functools
 import gzip
 import json
+import math
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 EMBEDDED_DATASETS = ("digits", "mnist5k")  # ship inside installed packages: need no files, no network
+USER_DATASETS = ("image_folder",)  # the user's own files: the same options may name other images tomorrow
 ENV_DATA_DIR = "VAEBENCH_DATA_DIR"  # read by vaebench.config; named here only in error messages
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation; torchvision's urlopen has none (a firewall that drops
 #                            packets would otherwise hang ~2 min per mirror and per file)
@@ -34,8 +36,10 @@ SPLIT_SEED = 0  # the fixed seed of every train/test split this module makes its
 
 
 class DatasetUnavailable(Exception):
-    """The files of a dataset are not there (and could not be downloaded). The message says where
-    they were looked for, which files are expected and how to supply them."""
+    """The files of a dataset are not there (and could not be downloaded), or are there but cannot
+    be used as they are (unreadable, malformed, too few images). The message says which files,
+    where they were looked for and how to fix them. A cause in the data, fixed by the user: a
+    rerun continues the cells that failed on it."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class NoOptions(BaseModel):
 class ImageFolderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str  # folder of images; relative paths are relative to the working directory
+    path: str  # folder of images; a relative path is taken relative to the experiments file (load_dataset's base_dir)
     size: int | None = Field(None, ge=1)  # resize every image to size x size; None: all must share one size
     channels: Literal[1, 3] = 3  # 1: PIL mode "L", 3: "RGB"
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -159,6 +163,10 @@ def read_torchvision(cls: type, data_dir: str | os.PathLike, *, download: bool) 
     rel, names = _torchvision_files(cls)
     folder = root / rel
     _gunzip_if_only_gz(folder, names)
+    if not hasattr(cls, "base_folder") and all((folder / n).is_file() for n in names):
+        bad = _idx_problems(folder, names)
+        if bad:
+            raise _unavailable(cls, folder, names, [], "the files are there but could not be read; " + "; ".join(bad))
     try:
         # download=False first: no network when the files are there, and no network at all if asked.
         sets = [cls(str(root), train=t, download=False) for t in (True, False)]
@@ -167,7 +175,9 @@ def read_torchvision(cls: type, data_dir: str | os.PathLike, *, download: bool) 
         if not missing:  # do not download over the user's files: say what is wrong with them
             why = f"{type(err).__name__}: {err}"
             if hasattr(cls, "base_folder") and isinstance(err, RuntimeError):  # CIFAR checks every MD5
-                why = "they fail torchvision's MD5 check: not the official files, or corrupted"
+                failing = _md5_failures(cls, folder) or names
+                why = (f"{', '.join(failing)} fail{'s' if len(failing) == 1 else ''} torchvision's MD5 check: "
+                       f"not the official files, or corrupted")
             raise _unavailable(cls, folder, names, missing, f"the files are there but could not be read; {why}") \
                 from None
         if not download:
@@ -188,6 +198,51 @@ def read_torchvision(cls: type, data_dir: str | os.PathLike, *, download: bool) 
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         out += [x.to(torch.uint8).contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)]
     return RawDataset(*out, num_classes=len(sets[0].classes), source=str(folder))
+
+
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: every file of the MNIST family
+
+
+def _idx_problems(folder: Path, names: list[str]) -> list[str]:
+    """What is wrong with the MNIST family's IDX files in `folder` (none: []): each file's header
+    (magic number, dimensions) against its size, and the images of each split against its labels.
+    torchvision's own checks name no file (a bare AssertionError) or take the wrong one silently
+    (fewer labels than images: the images past the last label are dropped)."""
+    counts: dict[str, int] = {}
+    problems = []
+    for n in names:
+        path = folder / n
+        want = 3 if "images" in n else 1
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * want)
+        size = path.stat().st_size
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] != IDX_UBYTE or head[3] != want:
+            problems.append(f"{n} is not an IDX file of {'images' if want == 3 else 'labels'} (its first bytes "
+                            f"{head[:4].hex() or 'missing'}, expected 0000080{want})")
+            continue
+        if len(head) < 4 + 4 * want:
+            problems.append(f"{n} ends inside its header ({size} bytes)")
+            continue
+        dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(want)]
+        expected = 4 + 4 * want + math.prod(dims)
+        if size != expected:
+            shape = " x ".join(map(str, dims))
+            problems.append(f"{n} is {size} bytes, its header says {shape} ({expected} bytes): "
+                            f"{'cut short' if size < expected else 'longer than its header says'}")
+            continue
+        counts[n] = dims[0]
+    for images, labels in zip(names[0::2], names[1::2]):  # torchvision's order: images, then labels
+        if images in counts and labels in counts and counts[images] != counts[labels]:
+            problems.append(f"{images} has {counts[images]} images but {labels} has {counts[labels]} labels")
+    return problems
+
+
+def _md5_failures(cls: type, folder: Path) -> list[str]:
+    """The names of CIFAR's files in `folder` whose MD5 is not the official one."""
+    from torchvision.datasets.utils import check_integrity
+
+    files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    return [name for name, md5 in files if not check_integrity(str(folder / name), md5)]
 
 
 def _gunzip_if_only_gz(folder: Path, names: list[str]) -> None:
@@ -281,45 +336,39 @@ def _load_mnist5k(data_dir: Path, *, download: bool, options: NoOptions) -> RawD
 
 def _load_image_folder(data_dir: Path, *, download: bool, options: ImageFolderOptions) -> RawDataset:
     import numpy as np
-    from PIL import Image
 
     root = Path(options.path).expanduser().resolve()
+    where = "(dataset_options.image_folder.path)"
     if not root.is_dir():
-        raise DatasetUnavailable(f"image_folder: {root} is not a directory (dataset_options.image_folder.path)")
+        raise DatasetUnavailable(f"image_folder: {root} is not a directory {where}")
 
-    def images_in(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    def images_in(d: Path) -> list[Path]:  # hidden files (macOS ._* resource forks, ...) are not images
+        return sorted(p for p in d.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
     flat = images_in(root)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = {d.name: images_in(d) for d in class_dirs}
     per_class = {k: v for k, v in per_class.items() if v}  # folders without images are not classes
     if flat and per_class:
-        raise ValueError(f"image_folder: {root} has images both directly inside it and in class subfolders "
-                         f"({', '.join(per_class)}); use one layout")
+        raise DatasetUnavailable(f"image_folder: {root} has images both directly inside it and in class "
+                                 f"subfolders ({', '.join(per_class)}); use one layout")
     if not flat and not per_class:
         raise DatasetUnavailable(f"image_folder: no images ({', '.join(IMAGE_SUFFIXES)}) in {root} "
-                                 f"or in its subfolders")
+                                 f"or in its subfolders {where}")
     groups = [flat] if flat else list(per_class.values())  # label = index of the sorted class folder
 
-    mode = "L" if options.channels == 1 else "RGB"
     arrays, labels, first = [], [], None
     for label, files in enumerate(groups):
         for f in files:
-            try:
-                with Image.open(f) as im:  # animated GIF/WebP: the first frame
-                    im = im.convert(mode)
-                    if options.size is not None:
-                        im = im.resize((options.size, options.size), Image.Resampling.BILINEAR)
-                    a = np.asarray(im, dtype=np.uint8)
-            except OSError as err:  # PIL.UnidentifiedImageError is an OSError
-                raise ValueError(f"image_folder: cannot read {f}: {err}") from None
+            a = _read_image(f, options.channels, options.size)
             if first is None:
                 first = (f, a.shape)
             elif a.shape != first[1]:
-                raise ValueError(f"image_folder: images in {root} differ in size ({first[0].name}: "
-                                 f"{first[1][1]}x{first[1][0]}, {f.name}: {a.shape[1]}x{a.shape[0]}); "
-                                 f"set dataset_options.image_folder.size to resize them all to size x size")
+                raise DatasetUnavailable(
+                    f"image_folder: images in {root} differ in size ({first[0].relative_to(root)}: "
+                    f"{first[1][1]}x{first[1][0]}, {f.relative_to(root)}: {a.shape[1]}x{a.shape[0]}); "
+                    f"set dataset_options.image_folder.size to resize them all to size x size")
             arrays.append(a)
             labels.append(label)
 
@@ -327,9 +376,38 @@ def _load_image_folder(data_dir: Path, *, download: bool, options: ImageFolderOp
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     raw = _split_raw(x, torch.tensor(labels, dtype=torch.int64), options.test_fraction, len(groups), str(root))
     if len(raw.train_y) == 0 or len(raw.test_y) == 0:
-        raise ValueError(f"image_folder: {root} has too few images ({len(labels)}) for a train/test split; "
-                         f"put at least 2 images in some class")
+        raise DatasetUnavailable(f"image_folder: {root} has too few images ({len(labels)}) for a train/test "
+                                 f"split (test_fraction {options.test_fraction}); put at least 3 images in it")
     return raw
+
+
+WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit grayscale files
+
+
+def _read_image(f: Path, channels: int, size: int | None) -> Any:
+    """One image file as uint8 (H, W) (channels 1) or (H, W, 3) (channels 3), resized to size x size.
+    16-bit grayscale (PNG, TIFF) is scaled to 8 bits (PIL's own conversion would clip every value
+    above 255 to white); alpha is dropped; an animated GIF/WebP gives its first frame."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            if im.mode in WIDE_GRAY_MODES:
+                wide = np.asarray(im).astype(np.int64)
+                if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                    raise DatasetUnavailable(f"image_folder: {f} holds values outside 0..65535 (PIL mode "
+                                             f"{im.mode}); save it as 8- or 16-bit")
+                im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+            elif im.mode == "F":
+                raise DatasetUnavailable(f"image_folder: {f} is a floating-point image (PIL mode F), whose range "
+                                         f"is not known; save it as 8- or 16-bit")
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None:
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError; a truncated file either
+        raise DatasetUnavailable(f"image_folder: cannot read {f}: {err}; remove or replace it") from None
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -361,17 +439,22 @@ def load_dataset(
     split_seed: int = 0,
     download: bool = True,
     options: dict[str, Any] | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> Dataset:
     """Load `name` (train/val/test, uint8 on CPU). `val` is a stratified `val_fraction` of the
-    dataset's train set drawn with `split_seed`; the test set is never touched. Cached per process:
-    the same arguments return the same object, so treat its tensors as read-only."""
+    dataset's train set drawn with `split_seed`; the test set is never touched. A relative path in
+    `options` (image_folder's) is taken relative to `base_dir` (the experiments file's folder;
+    default: the working directory). Cached per process: the same arguments return the same
+    object, so treat its tensors as read-only."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     opts = DATASET_OPTIONS[name].model_validate(options or {})  # pydantic ValidationError is a ValueError
     if isinstance(opts, ImageFolderOptions):  # key the cache on the folder, not on how it was spelled
-        opts = opts.model_copy(update={"path": str(Path(opts.path).expanduser().resolve())})
+        path = Path(opts.path).expanduser()
+        path = path if path.is_absolute() else Path(base_dir or Path.cwd()) / path
+        opts = opts.model_copy(update={"path": str(path.resolve())})
     return _load_cached(name, str(Path(data_dir).expanduser().resolve()), float(val_fraction), int(split_seed),
                         bool(download), json.dumps(opts.model_dump(mode="json"), sort_keys=True))
 
@@ -383,6 +466,10 @@ def _load_cached(name: str, data_dir: str, val_fraction: float, split_seed: int,
     options = DATASET_OPTIONS[name].model_validate_json(options_json)
     raw = DATASETS[name](Path(data_dir), download=download, options=options)
     train, val = stratified_split(raw.train_y, val_fraction, split_seed)
+    if (val_fraction > 0 and len(val) == 0) or len(train) == 0:  # nothing to average a loss over: 0/0
+        raise DatasetUnavailable(f"dataset {name!r} has {len(raw.train_y)} training image(s) ({raw.source}): too few "
+                                 f"to hold out a validation split (val_fraction {val_fraction}) and train on "
+                                 f"the rest; it needs at least 2")
     return Dataset(
         name=name,
         train=Split(raw.train_x[train], raw.train_y[train]),

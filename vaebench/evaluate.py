@@ -18,7 +18,8 @@ the same k samples, and there is no per-dim table.
 
 Families without an ELBO (ae, dae, wae_mmd, vq_vae: no posterior distribution) have no elbo, bpd,
 nll_iw, kl, active_units: those metrics are absent (not applicable), never 0. Their clustering is
-scored on their codes: the encoder's output (vq_vae: the quantised code).
+scored on their codes: the encoder's output (vq_vae: the quantised code). A dataset of one class
+(an image folder without class subfolders) has no clustering scores: its labels tell nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vaebench.batches import DeviceSplit
+from vaebench.clustering import SCORE_KEYS
 from vaebench.config import EvaluateSettings, RunSettings
 from vaebench.losses import LIKELIHOODS, log_normal_diag, log_normal_std
 from vaebench.models import AutoEncoder, Posterior
@@ -216,7 +218,10 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         metrics.update(codebook_metrics(usage))
     mu = torch.cat(means)  # (N, K)
     codes = None
-    if protocol.clustering and train is not None and num_classes:
+    not_applicable: tuple[str, ...] = () if model.stochastic else STOCHASTIC_ONLY
+    if protocol.clustering and num_classes is not None and num_classes < 2:
+        not_applicable += SCORE_KEYS  # labels of one class tell nothing: every score would be 1
+    elif protocol.clustering and train is not None and num_classes:
         train_mu = encode_means(model, train, limit=protocol.probe_train_samples)
         codes = Codes(train_mu.cpu().numpy(), train.y[:len(train_mu)].cpu().numpy(), mu.cpu().numpy(),
                       test.y[:len(mu)].cpu().numpy(), num_classes)
@@ -224,7 +229,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
             metrics.update(score_codes(codes, protocol))
             codes = None
     if not model.stochastic:
-        return Evaluation(metrics=metrics, not_applicable=STOCHASTIC_ONLY, codes=codes)
+        return Evaluation(metrics=metrics, not_applicable=not_applicable, codes=codes)
     per_dim = (kl_dims / n).tolist() if kl_dims is not None else []
     metrics.update({
         "elbo": sums["elbo"] / n,
@@ -234,7 +239,7 @@ def evaluate(model: AutoEncoder, test: DeviceSplit, settings: RunSettings,
         "kl": sum(per_dim) if per_dim else sums["kl"] / n,
         "active_units": float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
     })
-    return Evaluation(metrics=metrics, kl_per_dim=per_dim, codes=codes)
+    return Evaluation(metrics=metrics, kl_per_dim=per_dim, not_applicable=not_applicable, codes=codes)
 
 
 def codebook_metrics(usage: Tensor) -> dict[str, float]:

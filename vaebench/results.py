@@ -132,7 +132,7 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
     c, h, w = job.in_shape
     final = {f"test/{k}": v for k, v in metrics.items()}
     final["effective_beta"] = effective_beta(s.beta, s.reduction, c * h * w)
-    if job.exp.evaluate.clustering:
+    if job.exp.evaluate.clustering and "kmeans_acc" not in ev.not_applicable:
         baseline = job.baseline if job.baseline is not None else baseline_for(job.exp, s, data)
         final.update({f"baseline/{k}": v for k, v in baseline.items()})
     if ev.not_applicable:
@@ -186,7 +186,7 @@ def _log_figures(job: Job, tracker: tracking.Tracker, model: AutoEncoder | None,
 def _dataset(exp: Experiment, s: RunSettings) -> Dataset:
     from vaebench.train import dataset_for
 
-    return dataset_for(s, exp.resolved_data_dir())
+    return dataset_for(s, exp.resolved_data_dir(), exp.base_dir)
 
 
 # --- the raw-pixel baseline ------------------------------------------------------------------------
@@ -208,14 +208,25 @@ def baseline_for(exp: Experiment, s: RunSettings, data: Dataset | None = None) -
     import torch
 
     from vaebench.batches import to_device
+    from vaebench.data import USER_DATASETS
     from vaebench.evaluate import pixel_baseline
 
     data = data if data is not None else _dataset(exp, s)
     cpu = torch.device("cpu")
     opts = dict(image_size=s.image_size, binarization=s.binarization)
+    key = baseline_key(s, exp.evaluate)
+    if s.dataset in USER_DATASETS:  # the same options may name other images later
+        key += "-" + _content_digest(data)
     return pixel_baseline(to_device(data.train, cpu, **opts), to_device(data.test, cpu, **opts), data.num_classes,
-                          exp.evaluate, baseline_key(s, exp.evaluate),
-                          cache_dir=exp.resolved_data_dir() / ".vaebench-cache")
+                          exp.evaluate, key, cache_dir=exp.resolved_data_dir() / ".vaebench-cache")
+
+
+def _content_digest(data: Dataset) -> str:
+    """12 hex digits of a sha256 over the dataset's images and labels (train and test splits)."""
+    h = hashlib.sha256()
+    for t in (data.train.x, data.train.y, data.test.x, data.test.y):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def _fix(error: BaseException) -> str | None:

@@ -362,9 +362,8 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
     """Redo the evaluation of every finished cell from its saved model, without retraining (for
     example with a larger k: `overrides={"iw_samples": 5000}`). The new test/* metrics are logged
     to the same runs."""
-    from vaebench.data import load_dataset
     from vaebench.results import evaluate_and_log
-    from vaebench.train import build_for, resolve_device
+    from vaebench.train import build_for, dataset_for, resolve_device
 
     if overrides:
         exp = exp.model_copy(update={"evaluate": exp.evaluate.model_validate(
@@ -391,7 +390,7 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
             model.load_state_dict(saved["state_dict"])
             model.to(resolve_device(s.device))
             checkpoint = tracking.load_torch(tracker, run_id, tracking.CHECKPOINT_PATH) or {}
-            data = load_dataset(s.dataset, exp.resolved_data_dir(), options=s.data_config)
+            data = dataset_for(s, exp.resolved_data_dir(), exp.base_dir)
             step = int(run.data.metrics.get("train/epochs_run", 0))
             metrics = evaluate_and_log(exp, s, model, data, checkpoint.get("history", []), tracker, run_id, step)
             tracking.set_tags(tracker, run_id, {"vaebench.evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})

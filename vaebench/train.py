@@ -89,11 +89,14 @@ def build_for(settings: RunSettings, shape: tuple[int, int, int]) -> AutoEncoder
                        pseudo_inputs=settings.prior.pseudo_inputs)
 
 
-def dataset_for(settings: RunSettings, data_dir: str | os.PathLike) -> Dataset:
-    """The dataset a run trains on, with its validation split (`val_fraction`) carved out."""
+def dataset_for(settings: RunSettings, data_dir: str | os.PathLike,
+                base_dir: str | os.PathLike | None = None) -> Dataset:
+    """The dataset a run trains on, with its validation split (`val_fraction`) carved out; a relative
+    path in its options is taken relative to `base_dir` (the experiments file's folder)."""
     from vaebench.data import load_dataset
 
-    return load_dataset(settings.dataset, data_dir, val_fraction=settings.val_fraction, options=settings.data_config)
+    return load_dataset(settings.dataset, data_dir, val_fraction=settings.val_fraction, options=settings.data_config,
+                        base_dir=base_dir)
 
 
 def splits_for(settings: RunSettings, data: Dataset, device: torch.device) -> tuple[DeviceSplit, DeviceSplit]:

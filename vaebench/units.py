@@ -114,7 +114,7 @@ def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: 
         return out
     s = opened[0].spec.settings
     try:
-        data = dataset_for(s, exp.resolved_data_dir())
+        data = dataset_for(s, exp.resolved_data_dir(), exp.base_dir)
         for o in opened:
             if o.resume is None:
                 background.submit(tracking.set_tags, tracker, o.run_id, {tracking.TAG_SOURCE: data.source})

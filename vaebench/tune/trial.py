@@ -91,7 +91,7 @@ class Objective:
         from vaebench.train import dataset_for
 
         plan, tracker, s = self.plan, self.tracker, spec.settings
-        data = dataset_for(s, plan.exp.resolved_data_dir())
+        data = dataset_for(s, plan.exp.resolved_data_dir(), plan.exp.base_dir)
         tracking.log_params(tracker, run_id, spec.params())
         tracking.set_tags(tracker, run_id, {tracking.TAG_SOURCE: data.source})
         tracking.log_json(tracker, run_id, "config/trial.json", {
