@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import math
+import os
 import textwrap
 import time
 from html.parser import HTMLParser
@@ -375,6 +376,19 @@ def test_report_from_the_cli(study: dict[str, Any], tmp_path: Path, capsys: pyte
     written = folder / default_output(study["exp"], "csv").name
     assert f"report written to {written}" in capsys.readouterr().out
     assert [p.name for p in folder.iterdir()] == [written.name] and len(pd.read_csv(written)) == N_FINISHED + 1
+    # a folder to be (a trailing slash), and a link to a file: the file behind the link is replaced
+    assert main(["report", str(study["path"]), "--format", "csv", "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert (tmp_path / "new" / written.name).is_file()
+    (tmp_path / "link.csv").symlink_to(tmp_path / "t.csv")
+    assert main(["report", str(study["path"]), "--format", "csv", "--out", str(tmp_path / "link.csv")]) == 0
+    assert (tmp_path / "link.csv").is_symlink() and len(pd.read_csv(tmp_path / "t.csv")) == N_FINISHED + 1
+    # what is not a file is never replaced (a root user's `--out /dev/null` replaced the device)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    capsys.readouterr()
+    assert main(["report", str(study["path"]), "--out", str(fifo)]) == 2
+    assert f"error: --out {fifo}: {fifo} exists and is not a regular file or a folder" in capsys.readouterr().err
+    assert fifo.is_fifo()
 
 
 def test_mlflow_ui_view_is_shared(study: dict[str, Any]) -> None:

@@ -287,9 +287,17 @@ def test_killed_process_resumes_from_storage(write_yaml, tmp_path: Path) -> None
 
 def test_export_reproduces_the_best_trial(write_yaml, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = experiment_file(write_yaml, LR_SPACE + "n_trials: 3\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # not a file: refused before any trial, not after the study
+    assert cli.main(["tune", str(path), "--export", str(fifo)]) == 2
+    assert "--export" in capsys.readouterr().err and not (tmp_path / "optuna.db").exists()
     out = tmp_path / "out" / "best.yaml"
     assert cli.main(["tune", str(path), "--export", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
+    folder = tmp_path / "folder"  # a folder: <name>-best.yaml inside it (the study is done: no trial runs)
+    folder.mkdir()
+    assert cli.main(["tune", str(path), "--export", str(folder)]) == 0
+    assert (folder / "tiny-best.yaml").read_text().split("\n", 2)[2] == out.read_text().split("\n", 2)[2]
 
     exp = load_experiment(path)
     study = study_of(path)

@@ -154,6 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from vaebench.outputs import output_path
+    from vaebench.report.vocabulary import filename_safe
     from vaebench.tune import tune_experiment
 
     exp = _load(args)
@@ -161,8 +163,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"storage": args.storage})})
     if args.executor != "ray" and args.ray_address is not None:
         raise UsageError("--ray-address needs --executor ray")
+    # checked before the study: a path that cannot be written is better said now than after it
+    export = output_path(args.export, f"{filename_safe(exp.name)}-best.yaml", "--export") if args.export else None
     code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
-                           export=args.export, echo=print, on_ray=args.executor == "ray",
+                           export=export, echo=print, on_ray=args.executor == "ray",
                            ray_address=args.ray_address)
     _write_report(exp, args.file)
     return code
@@ -398,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     """The command, its errors turned into one message and an exit code."""
-    from vaebench.config import ConfigError
     from vaebench.cluster import ClusterError
+    from vaebench.config import ConfigError
+    from vaebench.outputs import OutputPathError
     from vaebench.runner import SelectionError
 
     try:
@@ -416,7 +421,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(f"error: invalid experiments file\n{e}")
         return EXIT_USAGE
-    except (SelectionError, UsageError) as e:
+    except (SelectionError, UsageError, OutputPathError) as e:
         _err(f"error: {e}")
         return EXIT_USAGE
     except ClusterError as e:

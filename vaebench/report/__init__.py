@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vaebench.outputs import output_path, write_atomic
 from vaebench.report.vocabulary import filename_safe
 
 if TYPE_CHECKING:
@@ -37,15 +37,13 @@ def build_report(exp: Experiment, out: str | os.PathLike | None = None, fmt: str
     """Read every run of `exp` from its tracking store and write the report; return its path.
 
     `out` defaults to `default_output(exp, fmt)`; a relative `out` is taken relative to the
-    working directory (as typed on the command line), and an existing directory gets the file under
-    its default name. Works with any number of runs, including none (the report then says so)."""
+    working directory (as typed on the command line), and a folder gets the file under its default
+    name (`vaebench.outputs.output_path`). Works with any number of runs, including none (the report then says so)."""
     from vaebench.report.collect import collect
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    path = Path(out).expanduser() if out else default_output(exp, fmt)
-    if path.is_dir():  # `--out /tmp`: as cp does, the file goes inside
-        path = path / default_output(exp, fmt).name
+    path = output_path(out, default_output(exp, fmt).name, "--out") if out else default_output(exp, fmt)
     data = collect(exp, images=fmt == "html")
     table = results_frame(data)
     csv_text = table.to_csv(index=False)
@@ -53,17 +51,7 @@ def build_report(exp: Experiment, out: str | os.PathLike | None = None, fmt: str
         text = csv_text
     else:
         text = render_html(exp, data, csv_text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # a reader (or a concurrent build) never sees half a report
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path.resolve()
+    return write_atomic(path, text)  # a reader (or a concurrent build) never sees half a report
 
 
 def render_html(exp: Experiment, data: ReportData, csv_text: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vaebench.config import Experiment, RunSettings
+from vaebench.outputs import write_atomic
 from vaebench.tune.plan import Plan, decoded_params, trial_settings
 from vaebench.tune.space import fmt
 
@@ -24,7 +25,8 @@ def file_tracking_uri(exp: Experiment) -> str:
 
 def export_best(plan: Plan, trial: Any, path: str | os.PathLike) -> Path:
     """Write an experiments file whose single cell is `trial`'s settings (same run key):
-    defaults = the original defaults + the cell + the trial's params, one single-value axis."""
+    defaults = the original defaults + the cell + the trial's params, one single-value axis.
+    `path` is the file (the CLI resolves a folder first: `vaebench.outputs.output_path`)."""
     import yaml
 
     from vaebench.matrix import apply_setting, run_key
@@ -55,7 +57,4 @@ def export_best(plan: Plan, trial: Any, path: str | os.PathLike) -> Path:
     header = (f"# Exported by `vaebench tune` from {exp.path}: trial {trial.number} of the Optuna study "
               f"{plan.study_name!r} ({values}).\n# Run key {run_key(settings)}. Train it with "
               f"`vaebench run <this file>`.\n")
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
-    return out
+    return write_atomic(Path(path), header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
