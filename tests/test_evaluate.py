@@ -244,3 +244,22 @@ def test_the_probe_codes_come_from_the_first_training_images_only() -> None:
     assert (limited.codes.train_z == whole.codes.train_z).all()
     assert (limited.codes.train_y == whole.codes.train_y).all()
     assert limited.metrics == whole.metrics
+
+
+def test_the_config_knows_every_metric_an_evaluation_logs(trained_vae) -> None:
+    # the experiments file is checked against vaebench.config's list of metric names (tune.metric,
+    # reference:): it must be exactly what evaluations log, family by family
+    from vaebench.config.schema import FAMILY_METRICS, TEST_METRICS
+
+    model, s, data, test = trained_vae
+    train = to_device(data.train, torch.device("cpu"), image_size=None, binarization="none")
+    seen: set[str] = set()
+    for family in ("vae", "ae", "dae", "vq_vae"):
+        m = model if family == "vae" else build_model(family, "mlp", in_shape=(1, 8, 8), latent_dim=4,
+                                                      arch_options={"hidden": [16]})
+        ev = evaluate(m, test, s.model_copy(update={"model": family}), EvaluateSettings(iw_samples=2), train=train,
+                      num_classes=10)
+        logged = {f"test/{k}" for k in ev.metrics}
+        assert all(only == family for metric, only in FAMILY_METRICS.items() if metric in logged), (family, logged)
+        seen |= set(ev.metrics)
+    assert seen == set(TEST_METRICS)

@@ -516,6 +516,10 @@ def test_reference_entries_are_checked(write_yaml) -> None:
     base = "name: r\ndefaults: {dataset: digits}\nmatrix: {model: [ae, vae]}\nreference:\n"
     bad = {
         "  - {metric: val/loss, value: 1, source: s}\n": "reference[0].metric: 'val/loss' is not a final metric",
+        "  - {metric: test/elbo_typo, value: 1, source: s}\n":
+            "reference[0].metric: 'test/elbo_typo' is not a metric vaebench logs; test/ metrics: elbo, bpd",
+        "  - {metric: test/dead_codes, value: 1, source: s}\n":
+            "reference[0].metric: test/dead_codes is logged by vq_vae runs only",
         "  - {metric: test/elbo, value: 1, source: s, where: {modle: vae}}\n": "unknown setting 'modle'",
         "  - {metric: test/elbo, value: 1, source: s, where: {model: dae}}\n": "matches no cell of the matrix",
         "  - {metric: test/elbo, value: 1}\n": "reference[0].source: Field required",

@@ -480,6 +480,22 @@ BAD_TUNE = [
                  "tune.prune_on: 'test/elbo': the pruner watches a per-epoch validation metric", id="prune-on-test"),
     pytest.param(GOOD_TUNE + "enqueue: [{lr: 1.0}]", "tune.enqueue[0].lr: 1.0 is outside [0.0001, 0.01]",
                  id="enqueue-outside"),
+    pytest.param(GOOD_TUNE + "  latent_dim: {low: 2, high: 8}\nenqueue: [{lr: 1.0e-3, latent_dim: 3.5}]",
+                 "tune.enqueue[0].latent_dim: 3.5: latent_dim takes whole numbers", id="enqueue-fractional-int"),
+    pytest.param(GOOD_TUNE + "  arch_options.mlp.activation: {choices: [tanh]}\n"
+                 "  arch_options.mlp: {choices: [{hidden: [8]}]}",
+                 "tune.space.arch_options.mlp: overlaps 'arch_options.mlp.activation' in the space",
+                 id="overlap-three-levels"),
+    pytest.param(GOOD_TUNE.replace("test/elbo", "test/nope"),
+                 "tune.metric: 'test/nope' is not a metric vaebench logs; test/ metrics: elbo, bpd", id="metric-unknown"),
+    pytest.param(GOOD_TUNE + "prune_on: val/nope",
+                 "tune.prune_on: 'val/nope' is not a metric vaebench logs; val/ metrics: loss, recon, kl, neg_elbo",
+                 id="prune-on-unknown"),
+    pytest.param(GOOD_TUNE.replace("test/elbo", "test/nmi"),  # BASE: evaluate.clustering false
+                 "tune.metric: test/nmi is not measured: evaluate.clustering is false", id="metric-needs-clustering"),
+    pytest.param(GOOD_TUNE.replace("test/elbo", "test/codebook_perplexity"),
+                 "tune.metric: test/codebook_perplexity is logged by vq_vae runs only, not by 'vae'",
+                 id="metric-of-another-family"),
 ]
 
 

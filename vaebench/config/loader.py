@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from vaebench.config.schema import (MAX_BYTES, MAX_DEPTH, MAX_NODES, METRIC_PATTERN, PRUNERS, RESERVED_OPTIONS,
                                     SAMPLERS, SETTING_NAMES, STOCHASTIC_METRICS, ConfigError, EvaluateSettings,
                                     Experiment, KLAnneal, LRSchedule, Prior, Reference, RunSettings, SearchParam,
-                                    TuneSettings, _fmt_path, _listing, _number_problems, _show)
+                                    TuneSettings, _fmt_path, _listing, _number_problems, _show, metric_problem)
 from vaebench.matrix import MatrixError, apply_setting, expand, matches, same_value, split_axis
 
 # --- loading -----------------------------------------------------------------------------------
@@ -262,8 +262,13 @@ def _check_references(exp: Experiment, specs: list, problems: _Problems) -> None
         for key in unknown:
             problems.add(("reference", i, "where", key),
                          f"unknown setting {key!r}; allowed: {', '.join(SETTING_NAMES)}")
-        if not unknown and not any(matches(spec, ref.where) for spec in specs):
+        selected = [] if unknown else [spec for spec in specs if matches(spec, ref.where)]
+        if not unknown and not selected:
             problems.add(("reference", i, "where"), f"{_show(ref.where)} matches no cell of the matrix")
+        families = {spec.settings.model for spec in selected}
+        if REFERENCE_METRIC.match(ref.metric) and (
+                why := metric_problem(ref.metric, families, exp.evaluate.clustering)) is not None:
+            problems.add(("reference", i, "metric"), why)
 
 
 REFERENCE_METRIC = re.compile(r"^test/[A-Za-z0-9_]+$")
@@ -444,7 +449,7 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
 
     # The space.
     models = {base_settings.model}
-    heads: dict[str, str] = {}
+    seen: list[str] = []  # the space's keys so far
     kinds: dict[str, str] = {}
     for key, p in t.space.items():
         where = ("tune", "space", key)
@@ -458,10 +463,15 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         if head in ("seed", "device"):
             problems.add(where, f"{head!r} is not a hyperparameter (set it in defaults or tune.cell)")
             continue
-        if head in heads and (heads[head] == key or not rest or "." not in heads[head]):
-            problems.add(where, f"overlaps {heads[head]!r} in the space")
+        parts = key.split(".")
+        # one key inside another (`arch_options.mlp` and `arch_options.mlp.activation`): the
+        # wider one, applied last, would silently overwrite what was sampled for the narrower
+        over = next((k for k in seen if parts[:len(k.split("."))] == k.split(".")
+                     or k.split(".")[:len(parts)] == parts), None)
+        if over is not None:
+            problems.add(where, f"overlaps {over!r} in the space")
             continue
-        heads[head] = key
+        seen.append(key)
         if key in t.cell:
             problems.add(where, f"{key!r} is also fixed in tune.cell; keep it in one place")
             continue
@@ -514,6 +524,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
             problems.add(where, f"{m} is not defined for the deterministic model "
                                 f"{' and '.join(map(repr, deterministic))} (no ELBO); use e.g. test/recon_bce "
                                 "or restrict the study to vae")
+        elif (why := metric_problem(m, models, exp.evaluate.clustering)) is not None:
+            problems.add(where, why)
 
     # Sampler and pruner.
     if t.sampler not in SAMPLERS:
@@ -552,6 +564,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
             elif p.low is not None and p.high is not None and (
                     isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high):
                 problems.add(("tune", "enqueue", i, key), f"{_show(value)} is outside [{p.low}, {p.high}]")
+            elif kinds.get(key) == "int" and value != int(value):  # Optuna would truncate it, with a warning
+                problems.add(("tune", "enqueue", i, key), f"{_show(value)}: {key} takes whole numbers")
 
 
 def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, problems: _Problems) -> None:

@@ -424,6 +424,32 @@ DIRECTIONS = ("maximize", "minimize")
 # Not defined for deterministic families (ae, dae): see evaluate.STOCHASTIC_ONLY and train.validate.
 STOCHASTIC_METRICS = ("test/elbo", "test/bpd", "test/nll_iw", "test/nll_iw_k", "test/kl",
                       "test/active_units", "val/neg_elbo")
+# Every metric a run can log under test/ and val/, and which ones need what (vaebench.evaluate's and
+# vaebench.train's names: tests/test_config.py checks these against what an evaluation returns).
+TEST_METRICS = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units", "recon_mse", "recon_bce",
+                "noisy_recon_mse", "noisy_recon_bce", "kmeans_acc", "nmi", "ari", "silhouette", "knn_acc",
+                "probe_acc", "codebook_perplexity", "dead_codes", "codebook_usage")
+VAL_METRICS = ("loss", "recon", "kl", "neg_elbo")
+CLUSTERING_METRICS = ("test/kmeans_acc", "test/nmi", "test/ari", "test/silhouette", "test/knn_acc", "test/probe_acc")
+FAMILY_METRICS = {  # metric -> the only family that logs it
+    "test/noisy_recon_mse": "dae", "test/noisy_recon_bce": "dae", "test/codebook_perplexity": "vq_vae",
+    "test/dead_codes": "vq_vae", "test/codebook_usage": "vq_vae"}
+
+
+def metric_problem(metric: str, families: set[str], clustering: bool) -> str | None:
+    """Why `metric` (test/<name> or val/<name>) cannot be measured for runs of these families under
+    this protocol; None when it can."""
+    split, _, name = metric.partition("/")
+    known = TEST_METRICS if split == "test" else VAL_METRICS
+    if name not in known:
+        return f"{metric!r} is not a metric vaebench logs; {split}/ metrics: {', '.join(known)}"
+    if metric in CLUSTERING_METRICS and not clustering:
+        return f"{metric} is not measured: evaluate.clustering is false"
+    only = FAMILY_METRICS.get(metric)
+    others = sorted(f for f in families if only is not None and f != only)
+    if others:
+        return f"{metric} is logged by {only} runs only, not by {', '.join(map(repr, others))}"
+    return None
 
 
 # Registries: name in the YAML -> class in optuna.samplers / optuna.pruners. They are the schema of
