@@ -534,3 +534,38 @@ def test_good_tune_section_is_typed(write_yaml) -> None:
     assert kinds == {"lr": "float", "latent_dim": "int", "beta": "float",
                      "arch_options.mlp.hidden": "categorical", "kl_anneal.epochs": "int"}
     assert t.objectives == ["test/elbo"] and t.pruner_name == "median" and t.sampler == "tpe"
+
+
+def test_a_trial_that_cannot_start_says_why_in_one_line(write_yaml) -> None:
+    # an invalid combination of two dimensions: one line, not pydantic's multi-line dump
+    path = experiment_file(write_yaml, """
+        metric: test/recon_bce
+        direction: minimize
+        sampler: grid
+        space:
+          model: {choices: [vae, ae]}
+          prior.kind: {choices: [vamp]}
+        """, epochs=1)
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=quiet(lines)) == 0
+    failed = [line for line in lines if " FAIL " in line]
+    assert len(failed) == 1 and "model=ae" in failed[0], lines
+    assert "invalid settings: " in failed[0] and "\n" not in failed[0] and "errors.pydantic.dev" not in failed[0]
+
+    # the same study, its space edited: Optuna refuses to draw the dimension another way; the line says so
+    text = path.read_text().replace("prior.kind: {choices: [vamp]}", "prior.kind: {choices: [standard]}")
+    path.write_text(text)
+    lines.clear()
+    assert tune_experiment(load_experiment(path), n_trials=3, echo=quiet(lines)) == 1
+    failed = [line for line in lines if " FAIL " in line]
+    assert failed and "cannot draw the point: " in failed[0] and "new tune.study_name" in failed[0], lines
+
+
+def test_an_enqueued_trial_counts_as_this_runs(write_yaml) -> None:
+    # enqueued points are in the study (WAITING) before the invocation runs them: they are its trials,
+    # for the summary and for the exit code (a failed one used to leave "this run: 0" and exit 0)
+    path = experiment_file(write_yaml, GOOD_TUNE + "n_trials: 1\nenqueue: [{lr: 1.0e-3}]", epochs=1)
+    lines: list[str] = []
+    assert tune_experiment(load_experiment(path), echo=quiet(lines)) == 0
+    assert any("this run: 1 (1 complete, 0 pruned, 0 fail)" in line for line in lines), lines
+    assert study_of(path).trials[0].params == {"lr": 1.0e-3}

@@ -50,7 +50,8 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
         tracker = tracking.connect(plan.tracking_uri, exp.name, echo)
         plan.parent_id = _parent_run(plan, tracker)
         fail_orphans(study, plan, echo)
-        before = {t.number for t in study.get_trials(deepcopy=False)}
+        # the trials this invocation runs are the ones not there yet and the enqueued ones (WAITING)
+        before = {t.number for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         remaining = None if plan.n_trials is None else max(0, plan.n_trials - done)
         target = f"{plan.n_trials} trials" if plan.n_trials is not None else "no trial limit"

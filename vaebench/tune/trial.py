@@ -44,11 +44,16 @@ class Objective:
         # First of all, who runs it: if this process dies, the next `vaebench tune` on this
         # machine sees the pid is gone and fails the trial (see fail_orphans).
         trial.set_user_attr(ATTR_WORKER, worker_id())
-        params = {d.key: d.suggest(trial) for d in self.dims}
+        try:  # the storage's study may have drawn a dimension differently (the space was edited since)
+            params = {d.key: d.suggest(trial) for d in self.dims}
+        except ValueError as e:
+            trial.set_user_attr(ATTR_ERROR, f"cannot draw the point: {e} (the space differs from the one the "
+                                            f"study began with; give the new space a new tune.study_name)"[:2000])
+            raise
         try:  # a point of the space can still make an invalid combination of settings
             settings = trial_settings(plan, params)
         except ValueError as e:  # pydantic's ValidationError is a ValueError
-            trial.set_user_attr(ATTR_ERROR, f"invalid settings: {e}"[:2000])
+            trial.set_user_attr(ATTR_ERROR, f"invalid settings: {_one_line(e)}"[:2000])
             raise
         axes = {**plan.cell, **params}
         spec = RunSpec(settings=settings, axes=axes, key=run_key(settings), name=run_name(settings, axes))
@@ -127,6 +132,17 @@ class Objective:
                     f"{plan.exp.evaluate.clustering}); available: {', '.join(sorted(have))}")
             values.append(float(have[metric]))
         return values
+
+
+def _one_line(e: ValueError) -> str:
+    """A pydantic ValidationError as `where: what; ...` (its own text spans lines, with input dumps
+    and documentation links); any other error as it is."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
 
 
 def trial_line(plan: Plan, t: Any) -> str:
