@@ -5,6 +5,7 @@ tmp_path."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -220,11 +221,12 @@ def trial_states(db: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_sigterm_ends_the_running_trials_as_ctrl_c_does(write_yaml, tmp_path: Path, jobs: int) -> None:
-    """A scheduler's SIGTERM (to the process; with --jobs, to the whole process group): each trial
-    in progress is recorded (Optuna FAIL, its MLflow run KILLED and tagged), not left RUNNING for the
-    next start to clean up; exit code 143; a rerun finishes the study."""
+@pytest.mark.parametrize("jobs, to", [(1, "main"), (2, "group"), (2, "main")])
+def test_sigterm_ends_the_running_trials_as_ctrl_c_does(write_yaml, tmp_path: Path, jobs: int, to: str) -> None:
+    """A scheduler's SIGTERM (to the whole process group, or `kill PID` to the main process alone):
+    each trial in progress is recorded (Optuna FAIL, its MLflow run KILLED and tagged), not left
+    RUNNING for the next start to clean up, and no worker starts another; exit code 143; a rerun
+    finishes the study."""
     path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=150)
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "tune", str(path), "--jobs", str(jobs)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -235,7 +237,7 @@ def test_sigterm_ends_the_running_trials_as_ctrl_c_does(write_yaml, tmp_path: Pa
         time.sleep(0.1)
         states = trial_states(tmp_path / "optuna.db")
     time.sleep(0.5)
-    if jobs == 1:
+    if to == "main":
         proc.send_signal(signal.SIGTERM)
     else:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -569,3 +571,34 @@ def test_an_enqueued_trial_counts_as_this_runs(write_yaml) -> None:
     assert tune_experiment(load_experiment(path), echo=quiet(lines)) == 0
     assert any("this run: 1 (1 complete, 0 pruned, 0 fail)" in line for line in lines), lines
     assert study_of(path).trials[0].params == {"lr": 1.0e-3}
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_leaves_no_trial_running(write_yaml, tmp_path: Path) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 2\n", epochs=150)
+    proc = subprocess.Popen([sys.executable, "-m", "vaebench", "tune", str(path), "--jobs", "2"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "optuna.db"
+    deadline = time.time() + 120
+    while time.time() < deadline and trial_states(db) != ["RUNNING"] * 2:
+        time.sleep(0.1)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        (worker,) = conn.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'worker' "
+                                 "ORDER BY trial_id LIMIT 1").fetchone()
+    os.kill(int(json.loads(worker).rpartition(":")[2]), signal.SIGKILL)  # trial 0's worker
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "FAILED: worker exit codes" in out and "-9" in out, (out, err)
+    # marked at the end of this invocation, not at the start of the next one
+    assert trial_states(db) == ["FAIL", "COMPLETE"]
+    trials = runs_of(path)
+    trials = trials[trials["tags.vaebench.kind"] == "trial"].sort_values("tags.vaebench.trial_number")
+    assert list(trials["status"]) == ["FAILED", "FINISHED"]
+
+
+def test_a_study_of_the_same_name_in_another_storage_keeps_its_own_best(write_yaml, tmp_path: Path) -> None:
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 1\n", epochs=1)
+    assert cli.main(["tune", str(path)]) == 0
+    assert cli.main(["tune", str(path), "--storage", f"sqlite:///{tmp_path / 'other.db'}"]) == 0
+    trials = runs_of(path)
+    trials = trials[trials["tags.vaebench.kind"] == "trial"]
+    assert len(trials) == 2 and list(trials["tags.vaebench.best"]) == ["true", "true"]

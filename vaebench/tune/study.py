@@ -71,6 +71,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
             raise
         finally:
             study = open_study(plan)  # what every worker wrote
+            fail_orphans(study, plan, echo)  # a worker that crashed left its trial RUNNING
             best = best_trials(study)
             _record_study(plan, study, tracker, plan.parent_id, best)
             tracking.finish(tracker, plan.parent_id, status)
@@ -132,7 +133,8 @@ def _record_study(plan: Plan, study: Any, tracker: Any, parent_id: str, best: li
 
     best_ids = {t.user_attrs.get(ATTR_RUN_ID) for t in best} - {None}
     for run in tracking.search(tracker, f"tags.`{TAG_BEST}` = 'true'"):
-        if run.data.tags.get(TAG_STUDY) == plan.study_name and run.info.run_id not in best_ids:
+        # this study's trials only: another storage may hold a study of the same name
+        if run.data.tags.get("mlflow.parentRunId") == parent_id and run.info.run_id not in best_ids:
             tracking.set_tags(tracker, run.info.run_id, {TAG_BEST: "false"})
     for run_id in best_ids:
         tracking.set_tags(tracker, run_id, {TAG_BEST: "true"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from vaebench.tune.storage import quiet
 from vaebench.tune.trial import ATTR_RUN_ID, ATTR_WORKER, TAG_TRIAL_STATE, Objective, trial_line
 
 Printer = Callable[[str], None]
+WORKER_GRACE = 15.0  # seconds the workers have, after a stop, to record their trials
 
 
 def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker: int = 0,
@@ -98,7 +100,10 @@ def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to the group: as Ctrl-C, the trial is recorded
+    # SIGTERM (to the group, or from the main process) as Ctrl-C: the trial is recorded. The first
+    # of the two is taken; a second must not break off the recording of the trial.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: queue.put(f"[worker {worker}] {line}"))
     except KeyboardInterrupt:
@@ -106,6 +111,10 @@ def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -140,10 +149,16 @@ def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs
         while any(p.is_alive() for p in procs):
             drain(block=True)
     except KeyboardInterrupt:
-        for p in procs:  # they got the same Ctrl-C; give them time to record their trials
-            p.join(timeout=15)
+        # A Ctrl-C in a terminal reached them too; a SIGTERM or SIGINT sent to this process alone
+        # did not: tell each (a second signal is ignored), then give them time to record their trials.
+        for p in procs:
             if p.is_alive():
                 p.terminate()
+        deadline = time.monotonic() + WORKER_GRACE
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
         raise
     finally:
         for p in procs:
