@@ -43,7 +43,7 @@ def test_ls_only_filters(tiny_file: Path, capsys: pytest.CaptureFixture) -> None
 
 
 @pytest.mark.parametrize("only,message", [("colour=red", "unknown setting 'colour'"),
-                                          ("model=gan", "no cell of the matrix matches"),
+                                          ("model=gan", "--only model=gan: no cell has that value; the matrix has model = ae, vae"),
                                           ("model", "expected SETTING=VALUE")])
 def test_bad_only_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture, only: str, message: str) -> None:
     assert main(["run", str(tiny_file), "--only", only]) == 2
@@ -237,3 +237,15 @@ def test_unreachable_tracking_server_is_a_clear_error(tiny_file: Path, capsys: p
     assert main(["run", str(tiny_file), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"http://127.0.0.1:{port} does not answer" in err and "Traceback" not in err
+
+
+def test_evaluate_takes_iw_samples_auto_as_the_file_does(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", str(tiny_file), "--iw-samples", "auto", "--no-report"]) == 0  # nothing trained yet
+    assert "no finished run to evaluate" in capsys.readouterr().out
+    assert main(["evaluate", str(tiny_file), "--iw-samples", "0"]) == 2
+
+
+def test_a_storage_flag_that_is_no_url_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    # the same words as tune.storage in the file, not SQLAlchemy's ArgumentError and exit 1
+    assert main(["tune", str(tiny_file), "--storage", "foo"]) == 2
+    assert "error: --storage foo: not an Optuna storage URL; e.g. sqlite:///optuna.db" in capsys.readouterr().err

@@ -47,6 +47,11 @@ def test_a_nan_in_training_fails_the_cell_at_its_epoch_and_is_not_resumed_blindl
     assert "0 trained (0 resumed), 0 skipped (already finished), 1 failed (1 earlier, not retried)" in out
     assert "add --retry-failed" in out and run.info.run_id in out
     assert len(runs_of(uri)) == 1
+    # nor does `evaluate` send the user to a plain `vaebench run`
+    assert cli.main(["evaluate", str(path), "--no-report"]) == 0  # nothing to evaluate is no failure of its own
+    out = capsys.readouterr().out
+    assert f"no finished run to evaluate (failed earlier in run {run.info.run_id} (diverged)" in out
+    assert "`vaebench run --retry-failed` trains it afresh" in out
 
     # --retry-failed: afresh, in a new run, which finishes; the diverged one stays as the record
     assert cli.main(["run", str(path), "--no-progress", "--no-report", "--retry-failed"]) == 0

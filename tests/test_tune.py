@@ -602,3 +602,12 @@ def test_a_study_of_the_same_name_in_another_storage_keeps_its_own_best(write_ya
     trials = runs_of(path)
     trials = trials[trials["tags.vaebench.kind"] == "trial"]
     assert len(trials) == 2 and list(trials["tags.vaebench.best"]) == ["true", "true"]
+
+
+def test_a_one_epoch_trial_is_never_pruned(write_yaml) -> None:
+    # pruning after the last epoch saves nothing and throws away a fully trained trial's evaluation
+    path = experiment_file(write_yaml, PRUNING, epochs=1)
+    assert tune_experiment(load_experiment(path), echo=quiet()) == 0
+    study = study_of(path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.trials[2].intermediate_values[0] < min(t.intermediate_values[0] for t in study.trials[:2])

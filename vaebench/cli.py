@@ -159,6 +159,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from vaebench.tune import tune_experiment
 
     exp = _load(args)
+    if args.storage and "://" not in args.storage:  # as tune.storage is checked in the file
+        raise UsageError(f"--storage {args.storage}: not an Optuna storage URL; e.g. sqlite:///optuna.db "
+                         "or postgresql://user@host/db")
     if args.storage and exp.tune is not None:
         exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"storage": args.storage})})
     if args.executor != "ray" and args.ray_address is not None:
@@ -277,6 +280,11 @@ def _positive_int(text: str) -> int:
     return _whole(text, 1)
 
 
+def _iw_samples(text: str) -> str | int:
+    """auto (per device, as evaluate.iw_samples: auto), or k >= 1."""
+    return text if text == "auto" else _whole(text, 1)
+
+
 def _workers(text: str) -> str | int:
     """auto, or a number of processes >= 0 (0: in place)."""
     return text if text == "auto" else _whole(text, 0)
@@ -356,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs per unit on the Ray cluster (a fraction shares a GPU; default 1 when it has GPUs)")
     run.add_argument("--ray-cpus", type=_fraction, default=1.0, metavar="N", help="CPUs per unit (default 1)")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
-    ev.add_argument("--iw-samples", type=_positive_int, metavar="K",
-                    help="k of the importance-weighted NLL (overrides evaluate.iw_samples)")
+    ev.add_argument("--iw-samples", type=_iw_samples, metavar="K",
+                    help="k of the importance-weighted NLL, or auto (overrides evaluate.iw_samples)")
     ev.add_argument("--no-report", action="store_true", help="do not rebuild the HTML report afterwards")
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
         "Run (or resume) the Optuna study defined under `tune:`; every trial is an MLflow run."))

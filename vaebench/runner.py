@@ -93,7 +93,14 @@ def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:
         return specs
     chosen = [s for s in specs if all(any(_selects(setting_value(s, k), v) for v in vs) for k, vs in only.items())]
     if not chosen:
-        raise SelectionError(f"no cell of the matrix matches --only {only}")
+        # say which filter matched nothing, with the values the matrix has for it
+        for key, wanted in only.items():
+            values = list(dict.fromkeys(str(setting_value(s, key)) for s in specs))
+            if not any(_selects(setting_value(s, key), v) for s in specs for v in wanted):
+                raise SelectionError(f"--only {key}={','.join(map(str, wanted))}: no cell has that value; "
+                                     f"the matrix has {key} = {', '.join(values[:20])}"
+                                     + (f" (and {len(values) - 20} more)" if len(values) > 20 else ""))
+        raise SelectionError(f"no cell of the matrix matches all of --only {only} at once")
     return chosen
 
 
@@ -362,6 +369,7 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
     """Redo the evaluation of every finished cell from its saved model, without retraining (for
     example with a larger k: `overrides={"iw_samples": 5000}`). The new test/* metrics are logged
     to the same runs."""
+    from vaebench.attempts import decide
     from vaebench.results import evaluate_and_log
     from vaebench.train import build_for, dataset_for, resolve_device
 
@@ -377,7 +385,10 @@ def evaluate_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = 
         run = next((r for r in existing.get(spec.key, []) if r.info.status == "FINISHED"), None)
         if run is None:
             results.append(CellResult(spec, "missing"))
-            echo(f"{prefix}: no finished run to evaluate (train it with `vaebench run`)")
+            decision = decide(existing.get(spec.key, []))  # what `vaebench run` would do with it
+            how = (f"{decision.reason.split('; ')[0]}; `vaebench run --retry-failed` trains it afresh"
+                   if decision.action == "give_up" else "train it with `vaebench run`")
+            echo(f"{prefix}: no finished run to evaluate ({how})")
             continue
         t0 = time.perf_counter()
         run_id = run.info.run_id

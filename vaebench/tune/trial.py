@@ -113,7 +113,8 @@ class Objective:
                                         f"per-epoch metrics: {', '.join(sorted(metrics))}")
             value = metrics[plan.prune_on]
             trial.report(plan.prune_sign * value, epoch)
-            if trial.should_prune():
+            # never after the last epoch: the training is done, pruning would only throw its evaluation away
+            if epoch < s.epochs - 1 and trial.should_prune():
                 trial.set_user_attr(ATTR_PRUNED_AT, epoch)
                 tracking.set_tags(tracker, run_id, {"vaebench.pruned_at_epoch": epoch})
                 raise optuna.TrialPruned(f"at epoch {epoch}: {plan.prune_on} = {value:.5g}")
