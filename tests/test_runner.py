@@ -184,14 +184,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(write_yaml, tmp_path: Path)
     proc.wait(timeout=30)
     assert checkpoints(), "no checkpoint was written before the kill"
 
-    cells, _ = child_runs(path)
-    assert list(cells["status"]) == ["RUNNING"]
+    cells, parents = child_runs(path)
+    assert list(cells["status"]) == ["RUNNING"] and list(parents["status"]) == ["RUNNING"]
     killed_at = torch.load(checkpoints()[0], weights_only=True)["epoch"]
     assert 0 <= killed_at < 29
 
     summary = run_experiment(load_experiment(path), progress=False, echo=lambda s: None)
     assert len(summary.of("resumed")) == 1
-    cells, _ = child_runs(path)
+    # the dead process's sweep is ended (it used to stay RUNNING forever), the new one finished
+    cells, parents = child_runs(path)
+    assert sorted(parents["status"]) == ["FINISHED", "KILLED"]
+    assert list(parents[parents["status"] == "KILLED"]["tags.vaebench.ended"]) == ["its process was gone"]
     assert len(cells) == 1 and list(cells["status"]) == ["FINISHED"]
     run_id = cells["run_id"].iloc[0]
     assert int(cells["tags.vaebench.resumed_from_epoch"].iloc[0]) >= killed_at

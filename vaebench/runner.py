@@ -88,6 +88,21 @@ def parse_only(items: list[str]) -> dict[str, list[Any]]:
 YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
+TAG_OWNER = "vaebench.owner"  # a sweep's process, "host:pid:start" (claims.owner_id)
+
+
+def _end_dead_sweeps(tracker: tracking.Tracker) -> None:
+    """Mark KILLED the sweeps (parent runs) left RUNNING by a process of this machine that is gone
+    (killed outright, the machine restarted): their cells resume under the new sweep, and the
+    old one would otherwise show as running forever. Other machines' sweeps are left alone."""
+    now = time.time()
+    for run in tracking.search(tracker, f"tags.`{tracking.TAG_KIND}` = 'parent' and attributes.status = 'RUNNING'"):
+        owner = run.data.tags.get(TAG_OWNER)
+        if owner and not claims.owner_alive(owner, now, now):
+            tracking.set_tags(tracker, run.info.run_id, {"vaebench.ended": "its process was gone"})
+            tracking.finish(tracker, run.info.run_id, "KILLED")
+
+
 def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:
     if not only:
         return specs
@@ -175,11 +190,13 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         workers = _eval_workers(eval_workers, device_type, jobs)
     units = _units(todo, pack, device_type)
     packed = sum(len(u) for u in units if len(u) > 1)
+    _end_dead_sweeps(tracker)
     parent_id = tracking.start_run(tracker, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_KIND: "parent", "vaebench.file": str(exp.path), "vaebench.cells": len(specs),
         "vaebench.axes": ",".join(exp.matrix), "vaebench.jobs": jobs, "vaebench.pack": pack,
         "vaebench.executor": "ray" if ray else ("pool" if jobs > 1 else "local"),
-        "vaebench.units": len(units), "vaebench.eval_workers": workers, **tracking.machine_tags()})
+        "vaebench.units": len(units), "vaebench.eval_workers": workers, TAG_OWNER: claims.owner_id(),
+        **tracking.machine_tags()})
     how = []
     if ray is not None:
         how.append("as Ray tasks")
