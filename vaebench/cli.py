@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="run the Optuna study defined under `tune:`", description=(
         "Run (or resume) the Optuna study defined under `tune:`; every trial is an MLflow run."))
     tune.add_argument("file", help="the experiments file")
-    tune.add_argument("--trials", type=_positive_int, help="number of trials (overrides tune.n_trials)")
+    tune.add_argument("--trials", type=_positive_int, help="the study's total of finished trials, counted across reruns (overrides tune.n_trials)")
     tune.add_argument("--jobs", type=_positive_int, default=1, help="worker processes sharing the study")
     tune.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
     tune.add_argument("--export", metavar="PATH", help="write the best settings as an experiments file")

@@ -337,7 +337,9 @@ def failed_section(data: ReportData) -> str:
         cells.append(f'<td class="error" data-v="{e(row["error"])}">{e(row["error"] or "no error recorded")}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return ("<p class=\"small\">Cells whose latest attempt did not finish and that have no finished run. "
-            "<code>vaebench run</code> retries them (an interrupted run resumes from its checkpoint).</p>"
+            "<code>vaebench run</code> continues the interrupted ones and those that failed for a cause "
+            "outside them (missing data, the store, memory) from their checkpoints; one that diverged or "
+            "hit an error is left failed, and <code>vaebench run --retry-failed</code> trains it afresh.</p>"
             + _table("failed-table", head, rows))
 
 
