@@ -174,3 +174,23 @@ def test_interpolation_ends_pick_different_labels() -> None:
     assert interpolation_ends(torch.tensor([3, 3, 5, 1])) == (0, 2)
     assert interpolation_ends(torch.tensor([2, 2])) == (0, 1)
     assert interpolation_ends(torch.tensor([7])) == (0, 0)
+
+
+def test_a_figure_too_small_for_its_layout_is_saved_without_a_console_warning(tmp_path) -> None:
+    import warnings
+
+    from vaebench.figures import new_figure, quiet_layout
+
+    def crowded():
+        fig = new_figure(0.3, 0.3)
+        for ax in fig.subplots(4, 4).flat:
+            ax.set_title("a title far too long for the panel")
+        return fig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="constrained_layout not applied"):
+            crowded().savefig(tmp_path / "loud.png")  # what a sweep printed in the middle of its progress
+        with quiet_layout():
+            crowded().savefig(tmp_path / "quiet.png")
+    assert (tmp_path / "quiet.png").stat().st_size > 0

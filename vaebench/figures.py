@@ -70,6 +70,18 @@ SPLITS = ("train", "val")
 # --- drawing ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_layout() -> Iterator[None]:
+    """Around a savefig: a figure too small for its decorations (8x8 images, many panels) is drawn
+    without the constrained layout, as matplotlib does anyway, but without its warning on the
+    console in the middle of a sweep's progress."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="constrained_layout not applied", category=UserWarning)
+        yield
+
+
 def new_figure(width: float, height: float) -> Figure:
     """A figure of width x height inches on its own Agg canvas (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -307,7 +319,8 @@ def draw_run_figures(
     written: dict[str, Path] = {}
 
     def save(name: str, fig: Figure) -> None:
-        fig.savefig(out / name, dpi=DPI)
+        with quiet_layout():
+            fig.savefig(out / name, dpi=DPI)
         fig.clear()  # no pyplot registry to close from; drop the artists now
         written[name] = out / name
 

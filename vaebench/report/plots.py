@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 from vaebench.report.vocabulary import METRIC_LABELS, ReportFigure
@@ -50,7 +51,9 @@ def facets(rows: int, cols: int, extra_width: float = 1.8) -> tuple[Figure, Any]
 
 def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    with warnings.catch_warnings():  # too small for its labels: drawn without the layout, as vaebench.figures does
+        warnings.filterwarnings("ignore", message="constrained_layout not applied", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()
     return buf.getvalue()
 
