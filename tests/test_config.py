@@ -143,3 +143,27 @@ def test_environment_overrides(write_yaml, monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("VAEBENCH_DATA_DIR", str(tmp_path / "elsewhere"))
     assert exp.resolved_tracking_uri() == "http://127.0.0.1:5999"
     assert exp.resolved_data_dir() == tmp_path / "elsewhere"
+
+
+def test_a_typo_inside_an_options_block_is_shown_at_its_own_line(write_yaml) -> None:
+    text = errors_of(write_yaml("""
+        name: x
+        defaults:
+          dataset: digits
+          arch_options:
+            conv:
+              kernel_size: 4
+              chanels: [8]
+        matrix:
+          model: [vae]
+        """))
+    assert ":7: defaults.arch_options: conv.chanels: unknown option; allowed: channels" in text
+    text = errors_of(write_yaml("""
+        name: x
+        defaults: {dataset: digits, model: iwae}
+        include:
+          - family_options:
+              iwae:
+                kk: 3
+        """))
+    assert ":6: include[0].family_options: iwae.kk: unknown option; allowed: k, objective" in text

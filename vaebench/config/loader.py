@@ -175,7 +175,11 @@ class _Problems:
                 msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
             elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{_show(e['input'])}: {msg}"
-            self.add(prefix + loc, msg)
+            # an options block's own message starts with the path inside it (`conv.chanels: ...`):
+            # the line is that key's, not the block's
+            inner = msg.split(": ", 1)[0]
+            inside = tuple(inner.split(".")) if re.fullmatch(r"[A-Za-z_][\w.]*", inner) else ()
+            self.add(prefix + loc, msg, at=prefix + loc + inside)
 
 
 def _allowed_keys(path: tuple) -> list[str]:
