@@ -238,8 +238,10 @@ def baseline_figure(data: ReportData) -> Figure | str:
 
     df = data.runs
     scores = [s for s in CLUSTER_SCORES if present(df, [f"test/{s}"])]
-    if df.empty or not scores:
-        return "no clustering scores (evaluate.clustering is off)"
+    if df.empty:
+        return "no finished runs yet"
+    if not scores:  # clustering off, or datasets of one class (nothing to cluster by)
+        return "no clustering scores (evaluate.clustering is off, or the datasets have one class)"
     long = df.melt(id_vars=["run_id", "dataset", "model"], value_vars=[f"test/{s}" for s in scores],
                    var_name="score", value_name="value").dropna(subset=["value"])
     long["score"] = long["score"].str.removeprefix("test/")
