@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -382,21 +383,31 @@ def test_a_study_with_other_directions_is_not_silently_reused(write_yaml, tmp_pa
     assert "'tiny-tune'" in err and "['minimize']" in err and "tune.study_name" in err
 
 
-def test_a_metric_the_model_does_not_compute_stops_the_study(write_yaml) -> None:
-    path = experiment_file(write_yaml, """
-        cell: {model: vae}
-        metric: test/nmi
-        direction: maximize
-        n_trials: 3
-        space:
-          lr: {low: 1.0e-3, high: 1.0e-2}
+def test_a_metric_the_model_does_not_compute_stops_the_study(write_yaml, tmp_path: Path) -> None:
+    # the file cannot tell: a clustering score of a folder of one class (no labels to cluster by)
+    from PIL import Image
+
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    path = write_yaml(f"""
+        name: tiny
+        defaults: {{dataset: image_folder, dataset_options: {{image_folder: {{path: {tmp_path}, channels: 1}}}},
+                   epochs: 1, latent_dim: 2, arch_options: {{mlp: {{hidden: [16]}}}}}}
+        evaluate: {{iw_samples: 4, figures: false}}
+        matrix: {{model: [vae]}}
+        tune:
+          metric: test/nmi
+          direction: maximize
+          n_trials: 3
+          space:
+            lr: {{low: 1.0e-3, high: 1.0e-2}}
         """)
     lines: list[str] = []
     assert tune_experiment(load_experiment(path), echo=lines.append) == 1
     study = study_of(path)
     assert [t.state for t in study.trials] == [TrialState.FAIL]
     assert "test/nmi was not computed" in study.trials[0].user_attrs["error"]
-    assert "evaluate.clustering False" in lines[1]
+    assert "evaluate.clustering True" in lines[1]
 
 
 @pytest.mark.slow
