@@ -249,7 +249,10 @@ def test_the_probe_codes_come_from_the_first_training_images_only() -> None:
 def test_the_config_knows_every_metric_an_evaluation_logs(trained_vae) -> None:
     # the experiments file is checked against vaebench.config's list of metric names (tune.metric,
     # reference:): it must be exactly what evaluations log, family by family
-    from vaebench.config.schema import FAMILY_METRICS, TEST_METRICS
+    from vaebench.clustering import SCORE_KEYS
+    from vaebench.config.schema import CLUSTERING_METRICS, FAMILY_METRICS, TEST_METRICS
+
+    assert CLUSTERING_METRICS == tuple(f"test/{k}" for k in SCORE_KEYS)
 
     model, s, data, test = trained_vae
     train = to_device(data.train, torch.device("cpu"), image_size=None, binarization="none")

@@ -470,8 +470,7 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
         parts = key.split(".")
         # one key inside another (`arch_options.mlp` and `arch_options.mlp.activation`): the
         # wider one, applied last, would silently overwrite what was sampled for the narrower
-        over = next((k for k in seen if parts[:len(k.split("."))] == k.split(".")
-                     or k.split(".")[:len(parts)] == parts), None)
+        over = next((k for k in seen if (other := k.split("."))[:len(parts)] == parts[:len(other)]), None)
         if over is not None:
             problems.add(where, f"overlaps {over!r} in the space")
             continue

@@ -425,11 +425,12 @@ DIRECTIONS = ("maximize", "minimize")
 STOCHASTIC_METRICS = ("test/elbo", "test/bpd", "test/nll_iw", "test/nll_iw_k", "test/kl",
                       "test/active_units", "val/neg_elbo")
 # Every metric a run can log under test/ and val/, and which ones need what (vaebench.evaluate's and
-# vaebench.train's names: tests/test_config.py checks these against what an evaluation returns).
+# vaebench.train's names: tests/test_evaluate.py checks these against what evaluations return).
 TEST_METRICS = ("elbo", "bpd", "nll_iw", "nll_iw_k", "kl", "active_units", "recon_mse", "recon_bce",
                 "noisy_recon_mse", "noisy_recon_bce", "kmeans_acc", "nmi", "ari", "silhouette", "knn_acc",
                 "probe_acc", "codebook_perplexity", "dead_codes", "codebook_usage")
 VAL_METRICS = ("loss", "recon", "kl", "neg_elbo")
+# clustering.SCORE_KEYS (that module imports numpy; this one stays light)
 CLUSTERING_METRICS = ("test/kmeans_acc", "test/nmi", "test/ari", "test/silhouette", "test/knn_acc", "test/probe_acc")
 FAMILY_METRICS = {  # metric -> the only family that logs it
     "test/noisy_recon_mse": "dae", "test/noisy_recon_bce": "dae", "test/codebook_perplexity": "vq_vae",

@@ -18,6 +18,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
+from vaebench.clustering import SCORE_KEYS
 from vaebench.report.vocabulary import METRIC_LABELS, ReportFigure
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ def facets(rows: int, cols: int, extra_width: float = 1.8) -> tuple[Figure, Any]
 
 def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    with warnings.catch_warnings():  # too small for its labels: drawn without the layout, as vaebench.figures does
+    # vaebench.figures.quiet_layout's filter, written out: that module imports torch, which a report never needs
+    with warnings.catch_warnings():  # too small for its labels: drawn without the layout, not warned about
         warnings.filterwarnings("ignore", message="constrained_layout not applied", category=UserWarning)
         fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()
@@ -229,15 +231,12 @@ def latent_size_figure(data: ReportData) -> Figure | str:
     return fig
 
 
-CLUSTER_SCORES = ("kmeans_acc", "nmi", "ari", "silhouette", "knn_acc", "probe_acc")
-
-
 def baseline_figure(data: ReportData) -> Figure | str:
     import pandas as pd
     import seaborn as sns
 
     df = data.runs
-    scores = [s for s in CLUSTER_SCORES if present(df, [f"test/{s}"])]
+    scores = [s for s in SCORE_KEYS if present(df, [f"test/{s}"])]
     if df.empty:
         return "no finished runs yet"
     if not scores:  # clustering off, or datasets of one class (nothing to cluster by)
