@@ -108,6 +108,29 @@ def test_exclude_unknown_setting(write_yaml) -> None:
     assert "exclude[0].modle: unknown setting" in text
 
 
+@pytest.mark.parametrize("rule", ["{model: ae}", "{model: vae, latent_dim: 3}", "{arch: conv}"])
+def test_exclude_rule_that_matches_no_cell(write_yaml, rule: str) -> None:
+    # a typo in a value (or a value the matrix no longer has) would otherwise exclude nothing, silently
+    path = write_yaml("name: x\nmatrix: {model: [vae, dae], latent_dim: [2, 4]}\ninclude:\n  - {model: ae}\n"
+                      f"exclude:\n  - {{model: dae, latent_dim: 2}}\n  - {rule}\n")
+    text = errors_of(path)
+    assert f":7: exclude[1]: {rule} matches no cell of the matrix" in text
+    assert "exclude[0]" not in text and len(text.splitlines()) == 1
+
+
+def test_unknown_key_in_an_include_entry_is_reported_once(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: vae, latnt_dim: 8}\n"))
+    assert ":4: include[0].latnt_dim: unknown setting 'latnt_dim'; allowed: dataset" in text
+    assert len(text.splitlines()) == 1
+
+
+def test_problems_are_listed_in_the_file_order(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  model: [gan]\nexclude:\n  - {modle: vae}\n"
+                                "include:\n  - {beta: -1}\n"))
+    lines = [line.split(":")[1] for line in text.splitlines()]
+    assert lines == sorted(lines, key=int) and len(lines) == 3
+
+
 def test_bad_include_entry(write_yaml) -> None:
     text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: dae, noise: -1}\n"))
     assert "include[0].noise" in text and "-1" in text

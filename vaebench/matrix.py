@@ -143,9 +143,15 @@ def expand(exp: Experiment) -> list[RunSpec]:
                           f"{len(exp.include)} include entries); the limit is {MAX_CELLS:,} cells: split the "
                           "study into several files, or drop axis values")
     specs: dict[str, RunSpec] = {}
-    for spec in _matrix_cells(exp) if exp.matrix else []:
+    used: set[int] = set()  # the exclude rules that removed a cell
+    for spec in _matrix_cells(exp, used) if exp.matrix else []:
         if spec is not None:
             specs.setdefault(spec.key, spec)
+    for i, rule in enumerate(exp.exclude):
+        if i not in used:  # a typo in a value, or a value the matrix no longer has
+            raise MatrixError(("exclude", i), f"{_show_rule(rule)} matches no cell of the matrix (a rule removes "
+                              "the matrix's cells that have every one of its settings; include entries are "
+                              "never excluded): check its values against the axes, or delete it")
     for i, entry in enumerate(exp.include):
         seeds = [entry["seed"]] if "seed" in entry else exp.seeds
         for seed in seeds:
@@ -157,8 +163,9 @@ def expand(exp: Experiment) -> list[RunSpec]:
     return list(specs.values())
 
 
-def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
-    """The matrix's cells (None where an exclude rule removes one), validated per group of axes
+def _matrix_cells(exp: Experiment, used: set[int]) -> list[RunSpec | None]:
+    """The matrix's cells (None where an exclude rule removes one; the rules that do go into `used`),
+    validated per group of axes
     instead of per cell: the axes that set one setting, or settings validated together
     (RunSettings.VALIDATED_TOGETHER), form a group; each combination of a group's values is
     validated once, with the defaults, and a cell is the validated defaults with every group's
@@ -177,7 +184,8 @@ def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
                               RunSettings.VALIDATED_TOGETHER if name == "together" else (name,))
                  for name, members in groups.items()]
     except ValidationError:
-        return [_make_spec(exp.defaults, {**dict(zip(exp.matrix, combo)), "seed": seed}, ("matrix",), exp.exclude)
+        return [_make_spec(exp.defaults, {**dict(zip(exp.matrix, combo)), "seed": seed}, ("matrix",), exp.exclude,
+                           used)
                 for combo in itertools.product(*exp.matrix.values()) for seed in exp.seeds]
     base_dump = base.model_dump(mode="json")
     base_flat = {f: flatten({f: v}) for f, v in base_dump.items()}  # setting -> its flattened entries
@@ -195,8 +203,10 @@ def _matrix_cells(exp: Experiment) -> list[RunSpec | None]:
             for part in chosen:
                 dumped.update(part.dumped)
                 flat.update(part.flat)
-            if any(all(same_value(flat.get(head, {}).get(k, dumped.get(k)), want) for head, k, want in rule)
-                   for rule in rules):
+            hits = {r for r, rule in enumerate(rules)
+                    if all(same_value(flat.get(head, {}).get(k, dumped.get(k)), want) for head, k, want in rule)}
+            if hits:
+                used |= hits
                 out.append(None)
                 continue
         fields, text = {}, dict(base_text)
@@ -238,8 +248,8 @@ def _group_parts(defaults: dict[str, Any], axes: list[tuple[str, list]], heads: 
 
 
 def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
-               exclude: list[dict[str, Any]]) -> RunSpec | None:
-    """The cell's RunSpec, or None when an exclude rule matches it."""
+               exclude: list[dict[str, Any]], used: set[int] | None = None) -> RunSpec | None:
+    """The cell's RunSpec, or None when an exclude rule matches it (its index goes into `used`)."""
     raw = defaults
     for axis, value in axes.items():
         raw = apply_setting(raw, axis, value)
@@ -247,17 +257,28 @@ def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
         settings = RunSettings.model_validate(raw)
     except ValidationError as e:
         # an exclude rule may remove a cell that could not exist (prior.kind: vamp for an ae)
-        flat = flatten(raw)
-        if any(all(same_value(flat.get(k, raw.get(k)), want) for k, want in rule.items()) for rule in exclude):
+        if _excluded(flatten(raw), raw, exclude, used):
             return None
         err = e.errors()[0]
         raise MatrixError(origin, f"the cell {axes} is invalid: {err['msg'].removeprefix('Value error, ')}") from None
     dumped = settings.model_dump(mode="json")
     if exclude:
-        flat = flatten(dumped)
-        if any(all(same_value(flat.get(k, dumped.get(k)), want) for k, want in rule.items()) for rule in exclude):
+        if _excluded(flatten(dumped), dumped, exclude, used):
             return None
     return RunSpec(settings=settings, axes=axes, key=_key_of(dumped), name=run_name(settings, axes))
+
+
+def _excluded(flat: dict[str, Any], cell: dict[str, Any], exclude: list[dict[str, Any]],
+              used: set[int] | None) -> bool:
+    hits = {r for r, rule in enumerate(exclude) if all(same_value(flat.get(k, cell.get(k)), want)
+                                                       for k, want in rule.items())}
+    if used is not None:
+        used |= hits
+    return bool(hits)
+
+
+def _show_rule(rule: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in rule.items()) + "}"
 
 
 def setting_value(spec: RunSpec, key: str) -> Any:

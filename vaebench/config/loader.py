@@ -366,6 +366,8 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
                     problems.add((kind, i, key), _EMPTY_PART.format(key))
         if kind == "include":
             for i, entry in enumerate(exp.include):
+                if any(split_axis(key)[0] not in SETTING_NAMES or "" in key.split(".") for key in entry):
+                    continue  # reported above; the schema would only say it again
                 cell = dict(exp.defaults)
                 try:
                     for key, value in entry.items():

@@ -38,8 +38,15 @@ class ConfigError(Exception):
 
     def __init__(self, file: str | os.PathLike, problems: list[str]):
         self.file = str(file)
-        self.problems = [p.translate(_LINE_BREAKS) for p in problems]  # a key may hold a line break
+        # in the file's order (a problem without a line, about the file as a whole, first); a key may
+        # hold a line break
+        self.problems = sorted((p.translate(_LINE_BREAKS) for p in problems), key=_line_number)
         super().__init__("\n".join(f"{self.file}:{p}" for p in self.problems))
+
+
+def _line_number(problem: str) -> int:
+    head = problem.split(":", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 # Characters str.splitlines() breaks at -> their escapes.
