@@ -129,9 +129,16 @@ def test_vamp_is_a_setting_of_the_families_that_take_it(write_yaml) -> None:
     specs = expand(load_experiment(path))
     assert sorted((s.settings.model, s.settings.prior.kind) for s in specs) == [
         ("ae", "standard"), ("vae", "standard"), ("vae", "vamp")]
-    with pytest.raises(ConfigError, match="not available for model 'ae'"):
-        load_experiment(write_yaml(path.read_text().replace("exclude:\n  - {model: ae, prior.kind: vamp}", ""),
-                                   "bad.yaml"))
+    bad = write_yaml(path.read_text().replace("exclude:\n  - {model: ae, prior.kind: vamp}", ""), "bad.yaml")
+    with pytest.raises(ConfigError, match=r"not available for model 'ae'; allowed models: vae, iwae \(exclude the "
+                                          r"other cells: exclude: \[\{model: ae, prior.kind: vamp\}\]\)"):
+        load_experiment(bad)
+    # the prior in the defaults: the ae cells that the prior axis makes valid are kept, the others
+    # excluded (each value was once judged with the defaults alone, and ae refused)
+    text = path.read_text().replace("defaults: {dataset: digits}", "defaults: {dataset: digits, prior: {kind: vamp}}")
+    specs = expand(load_experiment(write_yaml(text, "prior-in-defaults.yaml")))
+    assert sorted((s.settings.model, s.settings.prior.kind) for s in specs) == [
+        ("ae", "standard"), ("vae", "standard"), ("vae", "vamp")]
 
 
 # --- iwae ----------------------------------------------------------------------------------------

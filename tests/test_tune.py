@@ -564,6 +564,7 @@ def test_a_trial_that_cannot_start_says_why_in_one_line(write_yaml) -> None:
     failed = [line for line in lines if " FAIL " in line]
     assert len(failed) == 1 and "model=ae" in failed[0], lines
     assert "invalid settings: " in failed[0] and "\n" not in failed[0] and "errors.pydantic.dev" not in failed[0]
+    assert "not available for model 'ae'" in failed[0] and "exclude" not in failed[0]  # a space has no rules
 
     # the same study, its space edited: Optuna refuses to draw the dimension another way; the line says so
     text = path.read_text().replace("prior.kind: {choices: [vamp]}", "prior.kind: {choices: [standard]}")

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vaebench.config.schema import Experiment, RunSettings
+from vaebench.config.schema import Experiment, RunSettings, in_matrix
 
 KEY_EXCLUDES = {"device", "compile"}  # where and how a run executes, not what it is
 # Settings added after run keys were first written: in a key only when they differ from these
@@ -260,7 +260,7 @@ def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
         if _excluded(flatten(raw), raw, exclude, used):
             return None
         err = e.errors()[0]
-        raise MatrixError(origin, f"the cell {axes} is invalid: {err['msg'].removeprefix('Value error, ')}") from None
+        raise MatrixError(origin, f"the cell {axes} is invalid: {in_matrix(err)}") from None
     dumped = settings.model_dump(mode="json")
     if exclude:
         if _excluded(flatten(dumped), dumped, exclude, used):

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from vaebench.config.schema import (MAX_BYTES, MAX_DEPTH, MAX_NODES, METRIC_PATTERN, PRUNERS, RESERVED_OPTIONS,
                                     SAMPLERS, SETTING_NAMES, STOCHASTIC_METRICS, ConfigError, EvaluateSettings,
                                     Experiment, KLAnneal, LRSchedule, Prior, Reference, RunSettings, SearchParam,
-                                    TuneSettings, _fmt_path, _listing, _number_problems, _show, metric_problem)
+                                    TuneSettings, _fmt_path, _listing, _number_problems, _show, in_matrix,
+                                    metric_problem)
 from vaebench.matrix import MatrixError, apply_setting, expand, matches, same_value, split_axis
 
 # --- loading -----------------------------------------------------------------------------------
@@ -348,13 +349,17 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
             if j != i:  # 4 and 4.0 are one cell
                 problems.add(("matrix", axis, i), f"duplicate value {_show(value)} (also at [{j}])")
                 break
+        # A problem of the value with the other settings (loc ()) may be one the other axes solve, or
+        # an exclude rule removes: the expansion judges it cell by cell. Alone, it is this value's.
+        combined = len(exp.matrix) > 1 or bool(exp.exclude)
         for i, value in enumerate(values):
             try:
                 RunSettings.model_validate(apply_setting(exp.defaults, axis, value))
             except ValidationError as e:
                 for err in e.errors():
-                    msg = err["msg"].removeprefix("Value error, ")
-                    problems.add(("matrix", axis, i), f"{_show(value)}: {msg}")
+                    if combined and not err["loc"]:
+                        continue
+                    problems.add(("matrix", axis, i), f"{_show(value)}: {in_matrix(err)}")
             except (TypeError, ValueError) as e:
                 problems.add(("matrix", axis, i), f"{_show(value)}: {e}")
     for kind in ("include", "exclude"):

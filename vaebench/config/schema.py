@@ -44,6 +44,25 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{self.file}:{p}" for p in self.problems))
 
 
+class Conflict(ValueError):
+    """Two settings that cannot go together; `rule`: the exclude rule that removes such matrix cells
+    (a matrix's error shows it, `in_matrix`; a tuning trial's does not: its space has no rules)."""
+
+    def __init__(self, message: str, rule: dict[str, Any]):
+        super().__init__(message)
+        self.rule = rule
+
+
+def in_matrix(err: Any) -> str:
+    """A pydantic error's message for a matrix cell: with the exclude rule of a Conflict."""
+    msg = err["msg"].removeprefix("Value error, ")
+    conflict = err.get("ctx", {}).get("error")
+    if isinstance(conflict, Conflict):
+        rule = ", ".join(f"{k}: {v}" for k, v in conflict.rule.items())
+        msg += f" (exclude the other cells: exclude: [{{{rule}}}])"
+    return msg
+
+
 def _line_number(problem: str) -> int:
     head = problem.split(":", 1)[0]
     return int(head) if head.isdigit() else 0
@@ -291,9 +310,8 @@ class RunSettings(_Strict):
             object.__setattr__(self, "family_options", {})
         if self.prior.kind not in family.priors:
             takers = [m for m, f in FAMILIES.items() if self.prior.kind in f.priors]
-            raise ValueError(f"prior.kind {self.prior.kind!r} is not available for model {self.model!r}; "
-                             f"allowed models: {', '.join(takers)} (exclude the other cells: "
-                             f"exclude: [{{model: {self.model}, prior.kind: {self.prior.kind}}}])")
+            raise Conflict(f"prior.kind {self.prior.kind!r} is not available for model {self.model!r}; "
+                           f"allowed models: {', '.join(takers)}", {"model": self.model, "prior.kind": self.prior.kind})
         if self.dataset not in self.dataset_options:
             try:
                 chosen = DATASET_OPTIONS[self.dataset]().model_dump()
