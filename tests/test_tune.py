@@ -484,6 +484,9 @@ BAD_TUNE = [
                  "tune.space.latent_dim.high: 8.5: latent_dim takes whole numbers", id="fractional-int"),
     pytest.param(GOOD_TUNE + "  arch_options.conv.channels: {choices: [[8], [16]]}",
                  "tune.space.arch_options.conv.channels: has no effect: the cell's arch is 'mlp'", id="other-arch"),
+    pytest.param(GOOD_TUNE + "  model: {choices: [vae, iwae]}\n  family_options.beta_tcvae.alpha: {low: 0.5, high: 2}",
+                 "tune.space.family_options.beta_tcvae.alpha: has no effect: 'beta_tcvae' is not among the space's "
+                 "model choices (vae, iwae)", id="other-family"),
     pytest.param(GOOD_TUNE + "  kl_anneal.schedule: {choices: [linear, sometimes]}",
                  "tune.space.kl_anneal.schedule.choices[1]: 'sometimes' is not a valid kl_anneal.schedule",
                  id="bad-choice"),

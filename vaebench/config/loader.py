@@ -491,6 +491,11 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
                 problems.add(where, f"has no effect: the cell's {chosen} is {getattr(base_settings, chosen)!r}, "
                                     f"not {rest[0]!r}")
                 continue
+            choices = t.space[chosen].choices if chosen in t.space else None
+            if choices is not None and not any(same_value(rest[0], c) for c in choices):
+                problems.add(where, f"has no effect: {rest[0]!r} is not among the space's {chosen} choices "
+                                    f"({_listing(choices)})")
+                continue
         kind = param_kind(base, key, p)
         kinds[key] = kind
         n_before = len(problems.items)
