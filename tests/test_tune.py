@@ -484,7 +484,7 @@ BAD_TUNE = [
                  "tune.space.latent_dim.high: 8.5: latent_dim takes whole numbers", id="fractional-int"),
     pytest.param(GOOD_TUNE + "  arch_options.conv.channels: {choices: [[8], [16]]}",
                  "tune.space.arch_options.conv.channels: has no effect: the cell's arch is 'mlp'", id="other-arch"),
-    pytest.param(GOOD_TUNE + "  model: {choices: [vae, iwae]}\n  family_options.beta_tcvae.alpha: {low: 0.5, high: 2}",
+    pytest.param(GOOD_TUNE.replace("cell: {model: vae}", "cell: {}") + "  model: {choices: [vae, iwae]}\n  family_options.beta_tcvae.alpha: {low: 0.5, high: 2}",
                  "tune.space.family_options.beta_tcvae.alpha: has no effect: 'beta_tcvae' is not among the space's "
                  "model choices (vae, iwae)", id="other-family"),
     pytest.param(GOOD_TUNE + "  kl_anneal.schedule: {choices: [linear, sometimes]}",
@@ -550,6 +550,11 @@ def test_good_tune_section_is_typed(write_yaml) -> None:
     assert kinds == {"lr": "float", "latent_dim": "int", "beta": "float",
                      "arch_options.mlp.hidden": "categorical", "kl_anneal.epochs": "int"}
     assert t.objectives == ["test/elbo"] and t.pruner_name == "median" and t.sampler == "tpe"
+    # a family's options apply when the space can draw that family
+    path = experiment_file(write_yaml, GOOD_TUNE.replace("cell: {model: vae}", "cell: {}")
+                           + "  model: {choices: [vae, beta_tcvae]}\n"
+                           "  family_options.beta_tcvae.beta: {low: 1, high: 8}", name="families.yaml")
+    assert load_experiment(path).tune.space["family_options.beta_tcvae.beta"].type == "float"
 
 
 def test_a_trial_that_cannot_start_says_why_in_one_line(write_yaml) -> None:
