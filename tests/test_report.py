@@ -416,6 +416,20 @@ def test_a_study_without_runs_still_renders(write_yaml) -> None:
     assert not (path.parent / "mlruns.db").exists()  # reading created no store
 
 
+def test_interrupted_and_running_cells_are_not_counted_as_failed(write_yaml) -> None:
+    # a report built during a sweep, or after a kill: those cells resume, they have not failed
+    exp = load_experiment(write_yaml("name: midway\ndefaults: {dataset: digits}\nmatrix:\n  model: [ae, vae, dae]\n"))
+    tracker = tracking.connect(exp.resolved_tracking_uri(), exp.name)
+    for spec, status in zip(expand(exp), ["FAILED", "KILLED", "RUNNING"]):
+        run = tracking.start_run(tracker, spec.name, {tracking.TAG_KIND: "cell", tracking.TAG_RUN_KEY: spec.key})
+        if status != "RUNNING":
+            tracking.finish(tracker, run, status)
+    page = Page(build_report(exp).read_text(encoding="utf-8"))
+    text = " ".join(" ".join(page.text).split())
+    assert "0 finished · 1 failed · 0 pruned · 1 interrupted · 1 running runs" in text
+    assert sorted(page.table("failed-table")["status"]) == ["FAILED", "KILLED", "RUNNING"]
+
+
 def test_one_run_without_figures_or_clustering(write_yaml) -> None:
     path = write_yaml("""
         name: single

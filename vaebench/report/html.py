@@ -64,7 +64,7 @@ def render(data: ReportData, figures: list[ReportFigure], study_figures: list[li
         ("results", "Results", results_section(data, columns, csv_text)),
         ("references", "Published numbers", references_section(data)),
         ("seeds", "Mean and spread over seeds", seeds_section(data)),
-        ("failed", "Failed runs", failed_section(data)),
+        ("failed", "Failed and unfinished runs", failed_section(data)),
         ("figures", "Comparisons", figures_section(figures)),
         ("studies", "Optuna studies", studies_section(data, study_figures)),
         ("gallery", "Gallery", gallery_section(data)),
@@ -124,8 +124,13 @@ def header(data: ReportData, exp_file: str | None) -> str:
     pruned = sum(int((t["state"] == "PRUNED").sum()) for t in trials if "state" in t)
     trial_done = sum(int((t["state"] == "COMPLETE").sum()) for t in trials if "state" in t)
     trial_failed = sum(int((t["state"] == "FAIL").sum()) for t in trials if "state" in t)
-    counts = [f"<b>{len(runs) + trial_done}</b> finished", f"<b>{len(failed) + trial_failed}</b> failed",
-              f"<b>{pruned}</b> pruned"]
+    # a cell with no finished run: failed, or interrupted (KILLED), or still running (a report built
+    # during a sweep); the last two resume, so they are not counted as failures
+    statuses = failed["status"].value_counts().to_dict() if len(failed) else {}
+    interrupted, running = statuses.get("KILLED", 0), statuses.get("RUNNING", 0)
+    counts = [f"<b>{len(runs) + trial_done}</b> finished",
+              f"<b>{len(failed) - interrupted - running + trial_failed}</b> failed", f"<b>{pruned}</b> pruned"]
+    counts += [f"<b>{n}</b> {word}" for n, word in ((interrupted, "interrupted"), (running, "running")) if n]
     extra = []
     if data.studies:
         extra.append(f"{len(runs)} matrix runs and {sum(len(t) for t in trials)} Optuna trials")
