@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import textwrap
 import time
 from html.parser import HTMLParser
@@ -489,7 +490,14 @@ def test_a_real_tune_study_is_reported(write_yaml) -> None:
     assert tuned.trials["value 0"].notna().all() and set(tuned.importances) == {"test/elbo"}
     page = Page(build_report(exp).read_text(encoding="utf-8"))
     assert not page.problems and page.figures["fig-study0-history"]["img"]
-    assert "3 finished" in " ".join(" ".join(page.text).split())
+    text = " ".join(" ".join(page.text).split())
+    assert "3 finished" in text
+    # the header counts the trials' training and machine; the matrix's figures wait for its runs
+    seconds = float(re.search(r"total training time ([\d.]+) s", text).group(1))
+    assert seconds > 0 and abs(seconds - sum(r.data.metrics["train/seconds"] for r in tracking.search(
+        tracking.connect(exp.resolved_tracking_uri(), exp.name)) if "train/seconds" in r.data.metrics)) < 0.1
+    assert "not recorded" not in text and "device cpu (3 runs)" in text
+    assert "Not drawn: no finished runs of the matrix yet." in text and "no VAE runs" not in text
 
 
 def test_published_numbers_are_shown_beside_ours_and_flagged_beyond_tolerance(write_yaml) -> None:

@@ -151,7 +151,9 @@ def collect(exp: Experiment, *, images: bool = True) -> ReportData:
         name=exp.name, tracking_uri=public_uri(uri), experiment_id=experiment_id,
         ui_url=public_uri(tracker.ui_url, drop_user=True) if tracker.ui_url else None,
         runs=runs_df, failed=failed_df, axes=axes, matrix_axes=dict(exp.matrix), histories=histories,
-        images=pictures, machine=_machine(by_kind.get("parent", []), cell_runs),
+        # a tuning study's run records its machine as a sweep's does; its trials, their device
+        images=pictures, machine=_machine(by_kind.get("parent", []) + by_kind.get("study", []),
+                                          cell_runs + by_kind.get("trial", [])),
         studies=[_study(client, run, by_kind.get("trial", []), exp) for run in
                  sorted(by_kind.get("study", []), key=lambda r: r.info.start_time or 0)],
         not_run=sum(key not in logged_keys for key in specs),
@@ -465,8 +467,10 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
         number = _int(r.data.tags.get(TAG_TRIAL_NUMBER))
         if number is None:
             continue
+        ended = r.info.end_time and r.info.start_time and (r.info.end_time - r.info.start_time) / 1000
         row = {"number": number, "run_id": r.info.run_id, "run_name": r.info.run_name,
-               "state": (r.data.tags.get(TAG_TRIAL_STATE) or _state_of(r.info.status)).upper()}
+               "state": (r.data.tags.get(TAG_TRIAL_STATE) or _state_of(r.info.status)).upper(),
+               "train_seconds": r.data.metrics.get("train/seconds"), "wall_seconds": ended or None}
         row.update({f"value {i}": r.data.metrics.get(m) for i, m in enumerate(objectives)})
         row.update({f"param {k}": v for k, v in r.data.params.items()})
         rows[number] = row
@@ -491,7 +495,8 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
     for p in searched:
         if f"param {p}" in trials:
             trials[f"param {p}"] = _typed(trials[f"param {p}"])
-    keep = ["number", "run_id", "run_name", "state", *(f"value {i}" for i in range(len(objectives))),
+    keep = ["number", "run_id", "run_name", "state", "train_seconds", "wall_seconds",
+            *(f"value {i}" for i in range(len(objectives))),
             *(f"param {p}" for p in searched if f"param {p}" in trials)]
     trials = trials.reindex(columns=keep)
     study = Study(name=name, run_id=run.info.run_id, storage=public_uri(storage) if storage else None,

@@ -142,6 +142,8 @@ def header(data: ReportData, exp_file: str | None) -> str:
         extra.append(f"{plural(data.superseded_failures, 'failed attempt')} superseded by a finished re-run")
     seconds = float(runs["train/seconds"].sum()) if "train/seconds" in runs else 0.0
     wall = float((runs["end_time"] - runs["start_time"]).sum()) if len(runs) else 0.0
+    seconds += sum(float(t["train_seconds"].astype(float).sum()) for t in trials if "train_seconds" in t)
+    wall += sum(float(t["wall_seconds"].astype(float).sum()) for t in trials if "wall_seconds" in t)
     axes = "".join(f"<tr><th>{e(axis)}</th><td>{e(', '.join(_plain(v) for v in values))}</td></tr>"
                    for axis, values in data.matrix_axes.items())
     machine = "".join(f"<tr><th>{e(k)}</th><td>{e('; '.join(v))}</td></tr>" for k, v in data.machine.items())

@@ -482,6 +482,9 @@ def draw(id: str, title: str, note: str, fn: Callable[[Any], Figure | str], arg:
 
 
 def draw_all(data: ReportData) -> list[ReportFigure]:
+    if data.runs.empty:  # each figure is of the matrix's finished runs (a tuning study has its own)
+        return [ReportFigure(id=id, title=title, how_to_read=note, skipped="no finished runs of the matrix yet")
+                for id, (title, note, _) in FIGURES.items()]
     return [draw(id, title, note, fn, data) for id, (title, note, fn) in FIGURES.items()]
 
 
