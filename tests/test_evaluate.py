@@ -72,6 +72,27 @@ def trained_vae(tmp_path_factory):
     return result.model, s, data, test
 
 
+def test_a_dynamic_run_is_scored_on_one_fixed_draw(trained_vae) -> None:
+    # the protocol is the same for every run: its binary test images must not depend on what ran
+    # before in the process (torch's global generator)
+    model, s, data, _ = trained_vae
+    cpu, first = torch.device("cpu"), torch.arange(200)
+    dynamic = s.model_copy(update={"binarization": "dynamic"})
+    protocol = EvaluateSettings(iw_samples=8, clustering=False)
+    scored = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        test = to_device(data.test, cpu, image_size=None, binarization="dynamic")
+        scored.append(evaluate(model, test, dynamic, protocol).metrics)
+    assert scored[0] == scored[1]
+    static = to_device(data.test, cpu, image_size=None, binarization="static")
+    assert torch.equal(test.batch(first), static.batch(first))  # the static draw: the same images
+    assert set(test.batch(first).unique().tolist()) == {0.0, 1.0}
+    # training batches still draw afresh
+    fresh = to_device(data.train, cpu, image_size=None, binarization="dynamic", fresh=True)
+    assert not torch.equal(fresh.batch(first), fresh.batch(first))
+
+
 def test_bounds_hold_on_a_trained_vae(trained_vae) -> None:
     model, s, _, test = trained_vae
     x = test.batch(torch.arange(100))

@@ -7,7 +7,10 @@ binarization:
   none     grey levels in [0, 1]
   static   one fixed Bernoulli draw per image, the same for every run (seed 0) and every epoch
            (Larochelle & Murray 2011); drawn once per split after resizing
-  dynamic  a fresh Bernoulli draw per batch (Salakhutdinov & Murray 2008)
+  dynamic  a fresh Bernoulli draw per batch (Salakhutdinov & Murray 2008) of the training and
+           validation splits (validation from a fixed-seed generator); the splits of the
+           evaluation protocol (test, the probes' training images, the raw-pixel baseline) are
+           drawn once, as static: every run is scored on the same binary images
 """
 
 from __future__ import annotations
@@ -71,12 +74,14 @@ def resize(x: Tensor, size: int | None) -> Tensor:
 
 
 def to_device(split: Split, device: torch.device, *, image_size: int | None, binarization: str,
-              limit: int | None = None) -> DeviceSplit:
+              limit: int | None = None, fresh: bool = False) -> DeviceSplit:
+    """The split on `device`. Dynamic binarization draws per batch only with `fresh` (training and
+    validation); otherwise the split is binarized once, as static."""
     x, y = split.x, split.y
     if limit is not None:
         x, y = x[:limit], y[:limit]
     ds = DeviceSplit(x.to(device), y.to(device), image_size, binarization)
-    if binarization == "static":
+    if binarization == "static" or (binarization == "dynamic" and not fresh):
         ds = _binarize_statically(ds)
     return ds
 

@@ -194,7 +194,8 @@ def _dataset(exp: Experiment, s: RunSettings) -> Dataset:
 
 def baseline_key(s: RunSettings, protocol: EvaluateSettings) -> str:
     what = {"dataset": s.dataset, "options": s.data_config, "image_size": s.image_size,
-            "binarization": s.binarization,
+            # a dynamic run is measured on the static draw (vaebench.batches): the same pixels
+            "binarization": "static" if s.binarization == "dynamic" else s.binarization,
             "protocol": protocol.model_dump(include={"max_test_samples", "probe_train_samples",
                                                      "silhouette_samples", "knn_neighbors", "kmeans_restarts"})}
     if s.val_fraction != RunSettings.model_fields["val_fraction"].default:  # the probes fit on the train split

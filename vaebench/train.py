@@ -100,8 +100,10 @@ def dataset_for(settings: RunSettings, data_dir: str | os.PathLike,
 
 
 def splits_for(settings: RunSettings, data: Dataset, device: torch.device) -> tuple[DeviceSplit, DeviceSplit]:
-    """The training and validation splits of a run on `device`, preprocessed as the run says."""
-    opts = dict(image_size=settings.image_size, binarization=settings.binarization)
+    """The training and validation splits of a run on `device`, preprocessed as the run says (under
+    dynamic binarization both draw per batch: training from the run's stream, validation from a
+    fixed-seed generator, `validate`)."""
+    opts = dict(image_size=settings.image_size, binarization=settings.binarization, fresh=True)
     return (to_device(data.train, device, limit=settings.max_train_samples, **opts),
             to_device(data.val, device, **opts))
 
