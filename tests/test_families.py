@@ -82,6 +82,26 @@ def test_vamp_builds_on_every_architecture_and_keeps_its_pseudo_inputs(arch: str
     assert torch.equal(fresh.prior.pseudo_inputs, model.prior.pseudo_inputs)
 
 
+def test_vamp_with_batch_norm_trains_the_prior_it_is_evaluated_with() -> None:
+    # deep_conv normalises by batch: the pseudo-inputs must not be a batch of their own (their own
+    # statistics in training, the running ones in evaluation) nor leak into the running statistics
+    torch.manual_seed(0)
+    model = build_model("vae", "deep_conv", in_shape=(1, 28, 28), latent_dim=K, prior="vamp", pseudo_inputs=6)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    model.train()
+    x = torch.rand(8, 1, 28, 28)
+    out = model(x)
+    model.terms(out, x, likelihood="bernoulli", recon_scale=1.0, kl_coef=1.0).loss.mean().backward()
+    assert all(m.num_batches_tracked.item() == 1 for m in norms if m.num_batches_tracked is not None)
+    assert all(m.training for m in norms)  # restored
+    with torch.no_grad():
+        training = model.prior.components(model)
+        model.eval()
+        evaluated = model.prior.components(model)
+    assert all(torch.equal(a, b) for a, b in zip(training, evaluated))
+
+
 def test_the_evaluation_uses_the_models_own_prior(digits) -> None:
     s = tiny(model="vae", prior={"kind": "vamp", "pseudo_inputs": 8})
     model = train(s, digits, progress=False).model

@@ -57,8 +57,18 @@ class VampPrior(nn.Module):
         self.pseudo_inputs = nn.Parameter(PSEUDO_INPUT_MEAN + PSEUDO_INPUT_STD * torch.randn(n_pseudo, *in_shape))
 
     def components(self, model: AutoEncoder) -> tuple[Tensor, Tensor]:
-        """The mixture's means and log-variances, (C, K) each: the posteriors of the pseudo-inputs."""
-        post = model.encode(torch.clamp(self.pseudo_inputs, 0.0, 1.0))  # hardtanh(0, 1)
+        """The mixture's means and log-variances, (C, K) each: the posteriors of the pseudo-inputs.
+        Batch norm reads its running statistics here, in training too: the pseudo-inputs are no
+        batch of data (normalised by their own statistics, the prior that trains would not be the
+        one evaluated, and they would leak into the running statistics the data keeps)."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in norms:
+            m.train(False)
+        try:
+            post = model.encode(torch.clamp(self.pseudo_inputs, 0.0, 1.0))  # hardtanh(0, 1)
+        finally:
+            for m in norms:
+                m.train(True)
         return post.mean, post.logvar
 
     def log_prob(self, z: Tensor, model: AutoEncoder) -> Tensor:
