@@ -390,6 +390,15 @@ def test_report_from_the_cli(study: dict[str, Any], tmp_path: Path, capsys: pyte
     assert main(["report", str(study["path"]), "--out", str(fifo)]) == 2
     assert f"error: --out {fifo}: {fifo} exists and is not a regular file or a folder" in capsys.readouterr().err
     assert fifo.is_fifo()
+    # nor the files the study lives in (its runs were lost to `--out mlruns.db`), a link to one included
+    store = Path(study["exp"].resolved_tracking_uri().removeprefix("sqlite:///"))
+    (tmp_path / "store-link").symlink_to(store)
+    for out, what in ((study["path"], "the experiments file"), (store, "the study's MLflow store"),
+                      (tmp_path / "store-link", "the study's MLflow store")):
+        before = Path(out).read_bytes()
+        assert main(["report", str(study["path"]), "--out", str(out)]) == 2
+        assert f"is {what}, which this would overwrite" in capsys.readouterr().err
+        assert Path(out).read_bytes() == before
 
 
 def test_mlflow_ui_view_is_shared(study: dict[str, Any]) -> None:

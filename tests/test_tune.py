@@ -294,6 +294,10 @@ def test_export_reproduces_the_best_trial(write_yaml, tmp_path: Path, capsys: py
     os.mkfifo(fifo)  # not a file: refused before any trial, not after the study
     assert cli.main(["tune", str(path), "--export", str(fifo)]) == 2
     assert "--export" in capsys.readouterr().err and not (tmp_path / "optuna.db").exists()
+    before = path.read_text()  # the experiments file itself: the study's definition would be lost
+    assert cli.main(["tune", str(path), "--export", str(path)]) == 2
+    assert "is the experiments file, which this would overwrite" in capsys.readouterr().err
+    assert path.read_text() == before and not (tmp_path / "optuna.db").exists()
     out = tmp_path / "out" / "best.yaml"
     assert cli.main(["tune", str(path), "--export", str(out)]) == 0
     assert str(out) in capsys.readouterr().out

@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from vaebench.outputs import output_path
+    from vaebench.outputs import output_path, study_files
     from vaebench.report.vocabulary import filename_safe
     from vaebench.tune import tune_experiment
 
@@ -167,7 +167,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.executor != "ray" and args.ray_address is not None:
         raise UsageError("--ray-address needs --executor ray")
     # checked before the study: a path that cannot be written is better said now than after it
-    export = output_path(args.export, f"{filename_safe(exp.name)}-best.yaml", "--export") if args.export else None
+    export = (output_path(args.export, f"{filename_safe(exp.name)}-best.yaml", "--export", keep=study_files(exp))
+              if args.export else None)
     code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
                            export=export, echo=print, on_ray=args.executor == "ray",
                            ray_address=args.ray_address)

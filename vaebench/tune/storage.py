@@ -55,7 +55,7 @@ def sampler_seed(seed: int | None, n_existing: int, worker: int) -> int | None:
 def resolved_storage(exp: Experiment) -> str:
     """`tune.storage` (relative sqlite paths are relative to the experiments file), else
     `optuna.db` next to the MLflow SQLite store (or next to the experiments file)."""
-    url = exp.tune.storage
+    url = exp.tune.storage if exp.tune is not None else None
     if url:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rel = url[len("sqlite:///"):]
