@@ -147,7 +147,7 @@ def test_a_cell_claimed_elsewhere_is_left_out_of_its_unit_then_taken_over_when_t
     assert summary.exit_code == 0 and len(summary.of("trained")) == 3 and not summary.of("claimed")
     text = "\n".join(lines)
     assert f"{first.name}: left out, being trained by elsewhere pid 1" in text
-    assert "waiting for 1 cells that other runners are training (elsewhere pid 1)" in text
+    assert "waiting for 1 cell that other runners are training (elsewhere pid 1)" in text
     cells = runs_of(exp.resolved_tracking_uri())
     assert sorted(r.data.tags["vaebench.run_key"] for r in cells) == sorted([first.key, second.key, third.key])
     assert {r.info.status for r in cells} == {"FINISHED"}
@@ -208,7 +208,7 @@ def test_a_killed_runners_cell_is_taken_over_and_resumed_by_the_other(tmp_path: 
     first = vaebench(["run", str(path), "--no-progress", "--no-report"], tmp_path)
     wait_for(lambda: checkpoints(tmp_path), 120, "the first runner's first checkpoint")
     second = Output(vaebench(["run", str(path), "--no-progress", "--no-report"], tmp_path))
-    wait_for(lambda: "waiting for 1 cells" in second.text, 120, "the second runner to wait for the first's cell")
+    wait_for(lambda: "waiting for 1 cell " in second.text, 120, "the second runner to wait for the first's cell")
     assert first.poll() is None, "the long cell ended too soon for this test"
     os.killpg(first.pid, signal.SIGKILL)  # no chance to clean up: its run stays RUNNING, its claim stays
     first.wait(timeout=30)

@@ -91,11 +91,12 @@ def test_console_script_smoke_run(tiny_file: Path) -> None:
     assert module.returncode == 0 and "2 cells" in module.stdout
 
 
-def console(*args: str, cwd: Path) -> subprocess.Popen:
+def console(*args: str, cwd: Path, merged: bool = False) -> subprocess.Popen:
+    """`vaebench ARGS` with its output in pipes (`merged`: stderr into stdout's, as `2>&1 | head`)."""
     exe = shutil.which("vaebench", path=os.path.dirname(sys.executable)) or shutil.which("vaebench")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line reaches the pipe when printed
-    return subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True)
 
 
 def test_ls_whose_reader_goes_away_stops_quietly(write_yaml) -> None:
@@ -113,6 +114,15 @@ def test_ls_whose_reader_goes_away_stops_quietly(write_yaml) -> None:
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == ""
+
+
+def test_a_sweep_whose_merged_output_closes_exits_as_sigpipe(tiny_file: Path) -> None:
+    # `vaebench run ... 2>&1 | head -1`: the message about the closed output cannot be written
+    # either; the exit code is still SIGPIPE's (it was 1, from a second BrokenPipeError)
+    proc = console("run", str(tiny_file), "--no-progress", cwd=tiny_file.parent, merged=True)
+    assert proc.stdout.readline().startswith("experiment 'tiny': 2 cells")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 141
 
 
 def test_a_sweep_whose_output_closes_stops_and_the_next_run_continues(tiny_file: Path,

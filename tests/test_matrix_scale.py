@@ -92,7 +92,7 @@ def test_a_matrix_too_large_is_refused_before_expanding(sizes: list[int], seeds:
             assert code == 2 and f"would make {n:,} cells" in err and f"the limit is {MAX_CELLS:,} cells" in err
             assert time.perf_counter() - t0 < 5  # counted, not expanded
         else:
-            assert code == 0 and f"{n} cells in 'big'" in out and len(expand(load_experiment(path))) == n
+            assert code == 0 and f"{n} cell{'s' if n != 1 else ''} in 'big'" in out and len(expand(load_experiment(path))) == n
 
 
 @pytest.mark.timeout(300)

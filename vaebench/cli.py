@@ -25,7 +25,11 @@ LONG_COMMANDS = ("run", "evaluate", "tune")  # a sweep that stops early says so
 
 
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except BrokenPipeError:  # stderr is the closed pipe too (`2>&1 | head`): the message goes nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
 
 
 def _load(args: argparse.Namespace):
@@ -186,7 +190,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from vaebench.matrix import expand
-    from vaebench.runner import select
+    from vaebench.runner import plural, select
 
     exp = _load(args)
     specs = select(expand(exp), _only(args))
@@ -197,7 +201,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-    print(f"{len(specs)} cells in {exp.name!r}; tracking: {exp.resolved_tracking_uri()}")
+    print(f"{plural(len(specs), 'cell')} in {exp.name!r}; tracking: {exp.resolved_tracking_uri()}")
     return EXIT_OK
 
 

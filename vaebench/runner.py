@@ -53,7 +53,7 @@ class Summary:
                 head += f", {len(self.of('claimed'))} left to other runners"
         out = [head]
         if self.not_run:
-            out.append(f"stopped at the first failure (--fail-fast): {self.not_run} cells not run; "
+            out.append(f"stopped at the first failure (--fail-fast): {plural(self.not_run, 'cell')} not run; "
                        "run the same command again to continue")
         fixes: set[str] = set()
         for r in self.of("failed"):
@@ -63,6 +63,10 @@ class Summary:
                 out += [f"    {line}" for line in r.fix.splitlines()]
         out += [f"  {r.spec.name} [{r.spec.key}]: {r.note}" for r in self.of("claimed")]
         return out
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 # --- selecting cells ---------------------------------------------------------------------------
@@ -203,10 +207,10 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     elif jobs > 1 and len(units) > 1:
         how.append(f"{jobs} processes")
     if packed:
-        how.append(f"{packed} of them packed into {sum(len(u) > 1 for u in units)} groups")
+        how.append(f"{packed} of them packed into {plural(sum(len(u) > 1 for u in units), 'group')}")
     if workers:
         how.append(f"evaluation in {workers} worker processes")
-    echo(f"experiment {exp.name!r}: {len(specs)} cells, {len(todo)} to train in {len(units)} units"
+    echo(f"experiment {exp.name!r}: {plural(len(specs), 'cell')}, {len(todo)} to train in {plural(len(units), 'unit')}"
          f"{' (' + '; '.join(how) + ')' if how else ''}; tracking at {tracker.uri}")
     background = tracking.Background()
     evaluator = PoolEvaluator(exp, tracker, background, workers) if workers else Evaluator(exp, tracker, background)
@@ -324,7 +328,7 @@ def _wait_for_others(tracker: tracking.Tracker, waiting: list[CellResult], echo:
     held = claims.holders(tracker, keys)
     owners = sorted({str(h) for h in held.values()})
     if held:
-        echo(f"waiting for {len(held)} cells that other runners are training ({', '.join(owners)}); "
+        echo(f"waiting for {plural(len(held), 'cell')} that other runners are training ({', '.join(owners)}); "
              f"they are taken over if those runners stop (Ctrl-C stops waiting, nothing is lost)")
     while len(held) == len(keys):  # until one of them is free
         if stop():

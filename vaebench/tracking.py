@@ -216,11 +216,13 @@ class RetryingClient:
 class _QuietRetried(logging.Filter):
     """MLflow logs every SQLAlchemy error with its traceback before raising it. The ones the retry
     layer waits out (a locked database) or reports itself in one line are dropped from that one
-    logger; nothing else is."""
+    logger, as are its two lines about creating a new store's tables (they came before a sweep's
+    first line); nothing else is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
-        return not msg.startswith(("SQLAlchemy database error", "SQLAlchemy engine could not be created"))
+        return not msg.startswith(("SQLAlchemy database error", "SQLAlchemy engine could not be created",
+                                   "Creating initial MLflow database tables", "Updating database tables"))
 
 
 _FILTERED = False
