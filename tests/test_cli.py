@@ -42,6 +42,24 @@ def test_ls_only_filters(tiny_file: Path, capsys: pytest.CaptureFixture) -> None
     assert "vae-mlp" in out and "ae-mlp-z2" not in out.replace("vae-mlp-z2", "")
 
 
+def test_a_mapping_selects_and_excludes_as_written_in_the_matrix(write_yaml, capsys: pytest.CaptureFixture) -> None:
+    # the cell's value is filled in with defaults (cycles, ratio): the entries given must match,
+    # the others are whatever the cell has
+    path = write_yaml("name: m\ndefaults: {dataset: digits}\nmatrix:\n"
+                      "  kl_anneal: [{schedule: none}, {schedule: linear, epochs: 2}, {schedule: linear, epochs: 4}]\n")
+    assert main(["ls", str(path), "--only", "kl_anneal={schedule: linear, epochs: 2}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cell in 'm'" in out and "'epochs':2" in out
+    assert main(["ls", str(path), "--only", "kl_anneal={schedule: linear}"]) == 0
+    assert "2 cells in 'm'" in capsys.readouterr().out
+    assert main(["ls", str(path), "--only", "kl_anneal={schedule: linear, epochs: 3}"]) == 2
+    assert "no cell has that value" in capsys.readouterr().err
+    path.write_text(path.read_text() + "exclude:\n  - {kl_anneal: {schedule: linear, epochs: 4}}\n")
+    assert main(["ls", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells in 'm'" in out and "'epochs':4" not in out
+
+
 @pytest.mark.parametrize("only,message", [("colour=red", "unknown setting 'colour'"),
                                           ("model=gan", "--only model=gan: no cell has that value; the matrix has model = ae, vae"),
                                           ("model", "expected SETTING=VALUE")])

@@ -204,7 +204,7 @@ def _matrix_cells(exp: Experiment, used: set[int]) -> list[RunSpec | None]:
                 dumped.update(part.dumped)
                 flat.update(part.flat)
             hits = {r for r, rule in enumerate(rules)
-                    if all(same_value(flat.get(head, {}).get(k, dumped.get(k)), want) for head, k, want in rule)}
+                    if all(has_value(flat.get(head, {}).get(k, dumped.get(k)), want) for head, k, want in rule)}
             if hits:
                 used |= hits
                 out.append(None)
@@ -270,7 +270,7 @@ def _make_spec(defaults: dict[str, Any], axes: dict[str, Any], origin: tuple,
 
 def _excluded(flat: dict[str, Any], cell: dict[str, Any], exclude: list[dict[str, Any]],
               used: set[int] | None) -> bool:
-    hits = {r for r, rule in enumerate(exclude) if all(same_value(flat.get(k, cell.get(k)), want)
+    hits = {r for r, rule in enumerate(exclude) if all(has_value(flat.get(k, cell.get(k)), want)
                                                        for k, want in rule.items())}
     if used is not None:
         used |= hits
@@ -290,7 +290,17 @@ def setting_value(spec: RunSpec, key: str) -> Any:
 def matches(spec: RunSpec, where: dict[str, Any]) -> bool:
     """Whether the cell has every `setting (or dotted path): value` of `where` (an exclude rule, a
     reference's selection); an empty `where` matches every cell."""
-    return all(same_value(setting_value(spec, k), v) for k, v in where.items())
+    return all(has_value(setting_value(spec, k), v) for k, v in where.items())
+
+
+def has_value(have: Any, want: Any) -> bool:
+    """Whether a cell's resolved value `have` is the value a rule or filter asks for: the same
+    value, or for a mapping ({schedule: linear, epochs: 2}) each of its entries (the entries it
+    leaves out are the cell's defaults, whatever they are)."""
+    if isinstance(want, dict) and want and isinstance(have, dict):
+        flat = flatten(have)
+        return all(same_value(flat.get(k), v) for k, v in flatten(want).items())
+    return same_value(have, want)
 
 
 def same_value(a: Any, b: Any) -> bool:

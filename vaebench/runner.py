@@ -16,7 +16,7 @@ import yaml
 
 from vaebench import claims, tracking
 from vaebench.config import Experiment
-from vaebench.matrix import RunSpec, expand, same_value, setting_value
+from vaebench.matrix import RunSpec, expand, has_value, setting_value
 from vaebench.results import CellResult
 
 Printer = Callable[[str], None]
@@ -125,7 +125,7 @@ def select(specs: list[RunSpec], only: dict[str, list[Any]]) -> list[RunSpec]:
 
 def _selects(have: Any, want: Any) -> bool:
     # on the command line everything is text: `--only kl_anneal.schedule=none` etc.
-    return same_value(have, want) or str(have) == str(want)
+    return has_value(have, want) or str(have) == str(want)
 
 
 # --- running -----------------------------------------------------------------------------------

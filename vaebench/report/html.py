@@ -115,7 +115,9 @@ def duration(seconds: float) -> str:
         return "0 s"
     minutes, s = divmod(int(round(seconds)), 60)
     h, m = divmod(minutes, 60)
-    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{seconds:.1f} s")
+    if h or m:
+        return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2g} s"  # 0.04 s, not 0.0 s
 
 
 def header(data: ReportData, exp_file: str | None) -> str:
