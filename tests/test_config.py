@@ -131,6 +131,16 @@ def test_problems_are_listed_in_the_file_order(write_yaml) -> None:
     assert lines == sorted(lines, key=int) and len(lines) == 3
 
 
+@pytest.mark.parametrize("uri,message", [
+    ("foo://bar", "unsupported scheme 'foo'; allowed: sqlite, postgresql"),
+    ("sqlite://relative.db", "a SQLite URI has three slashes before a relative path"),
+    ("mlruns", "not a tracking URI; e.g. sqlite:///mlruns.db")])
+def test_a_tracking_uri_mlflow_cannot_open_is_refused_at_load(write_yaml, uri: str, message: str) -> None:
+    # each used to pass `ls` and stop `run` with MLflow's own words, naming neither file nor key
+    text = errors_of(write_yaml(GOOD + f"tracking_uri: {uri}\n"))
+    assert f":5: tracking_uri: {uri!r}: {message}" in text
+
+
 def test_bad_include_entry(write_yaml) -> None:
     text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: dae, noise: -1}\n"))
     assert "include[0].noise" in text and "-1" in text

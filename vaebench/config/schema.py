@@ -569,6 +569,11 @@ class Reference(_Strict):
     tolerance: float | None = Field(None, ge=0.0)
 
 
+# The stores `tracking_uri` may name: SQLite (the default), the databases MLflow's SQL store takes
+# (a SQLAlchemy driver may follow a `+`), an MLflow tracking server, Databricks.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 class Experiment(_Strict):
     name: str = Field(min_length=1)
     tracking_uri: str | None = None
@@ -584,6 +589,24 @@ class Experiment(_Strict):
 
     # Filled in by load_experiment (not YAML keys).
     path: Path | None = Field(None, exclude=True)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else None
+        example = ("e.g. sqlite:///mlruns.db (a file next to the experiments file) or http://host:5000 "
+                   "(an MLflow server)")
+        if scheme is None:
+            raise ValueError(f"not a tracking URI; {example}. MLflow's folder store (a plain path) is "
+                             "retired in MLflow 3")
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme!r}; allowed: {', '.join(TRACKING_SCHEMES)}; {example}")
+        if scheme == "sqlite" and not v.startswith("sqlite:///"):
+            raise ValueError("a SQLite URI has three slashes before a relative path (sqlite:///mlruns.db), "
+                             "four before an absolute one (sqlite:////data/mlruns.db)")
+        return v
 
     @field_validator("seeds")
     @classmethod
