@@ -325,6 +325,15 @@ def test_export_reproduces_the_best_trial(write_yaml, tmp_path: Path, capsys: py
     cell = rerun[rerun["tags.vaebench.kind"] == "cell"].iloc[0]
     assert cell["tags.vaebench.run_key"] == specs[0].key
     assert cell["metrics.test/elbo"] == pytest.approx(best.value, rel=1e-4)
+    # the file edited under the same study: the resumed study says it mixes two settings, and the
+    # export, which would train something else than the best trial did, is refused
+    path.write_text(path.read_text().replace("max_train_samples: 256", "max_train_samples: 192"))
+    capsys.readouterr()
+    assert cli.main(["tune", str(path), "--export", str(tmp_path / "again.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "warning: 3 of the study's finished trials were trained with settings this file no longer gives" in out
+    assert f"not exported: the best trial ({best.number}) was trained with settings" in out
+    assert not (tmp_path / "again.yaml").exists()
 
 
 def test_multi_objective_keeps_a_pareto_front(write_yaml) -> None:

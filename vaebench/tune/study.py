@@ -13,7 +13,7 @@ from vaebench.tune.export import export_best
 from vaebench.tune.plan import Plan, decoded_params, make_plan, open_study
 from vaebench.tune.space import dimensions, fmt
 from vaebench.tune.storage import storage_display
-from vaebench.tune.trial import ATTR_RUN_ID, TAG_STUDY
+from vaebench.tune.trial import ATTR_RUN_ID, TAG_STUDY, changed_since
 from vaebench.tune.workers import Printer, fail_orphans, optimize, run_ray_workers, run_workers
 
 TAG_BEST = "vaebench.best"
@@ -57,6 +57,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
         target = f"{plan.n_trials} trials" if plan.n_trials is not None else "no trial limit"
         echo(f"study {plan.study_name!r} in {storage_display(plan.storage)}: {done} finished, {target}"
              + (f", timeout {plan.timeout:g}s" if plan.timeout else "") + f"; tracking at {plan.tracking_uri}")
+        _warn_if_edited(plan, study, echo)
         status, codes = "FINISHED", []
         try:
             if remaining != 0:
@@ -90,11 +91,30 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
                 return 1
             chosen = best[0] if not plan.tune.multi_objective else min(
                 best, key=lambda t: -t.values[0] if plan.tune.study_directions[0] == "maximize" else t.values[0])
+            changed = changed_since(plan, chosen)
+            if changed is not None:  # the file would train something else than the trial did
+                echo(f"not exported: the best trial ({chosen.number}) was trained with settings this file no "
+                     f"longer gives ({changed}); revert the edit, or tune afresh under a new tune.study_name")
+                return 1
             path = export_best(plan, chosen, export)
             echo(f"best settings (trial {chosen.number}) written to {path}; run them with `vaebench run {path}`")
         return code
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _warn_if_edited(plan: Plan, study: Any, echo: Printer) -> None:
+    """A resumed study whose file was edited since (epochs, the defaults...) would mix trials of two
+    settings silently: say so."""
+    from optuna.trial import TrialState
+
+    edited = [(t, why) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if (why := changed_since(plan, t)) is not None]
+    if edited:
+        t, why = edited[0]
+        echo(f"warning: {len(edited)} of the study's finished trials were trained with settings this file no "
+             f"longer gives (trial {t.number}: {why}); the study now mixes the two. To compare like with "
+             "like, revert the edit or give tune.study_name a new name")
 
 
 def _parent_run(plan: Plan, tracker: Any) -> str:

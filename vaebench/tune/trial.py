@@ -27,6 +27,21 @@ def worker_id() -> str:
     return f"{platform.node()}:{os.getpid()}"
 
 
+def changed_since(plan: Plan, trial: Any) -> str | None:
+    """How the file's settings for `trial`'s point differ from those it was trained with (its run
+    key then and now), or None when they are the same (or it recorded none)."""
+    from vaebench.matrix import run_key
+
+    recorded = trial.user_attrs.get(ATTR_RUN_KEY)
+    if recorded is None:
+        return None
+    try:
+        now = run_key(trial_settings(plan, decoded_params(plan, trial)))
+    except (ValueError, KeyError) as e:  # a point the edited file no longer allows
+        return f"run key {recorded}; the file now refuses its point ({_one_line(e)})"
+    return None if now == recorded else f"run key {recorded}, the file now gives {now}"
+
+
 class Objective:
     """The function Optuna calls: one trial = one MLflow run."""
 
