@@ -69,6 +69,21 @@ def test_bad_only_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixtur
     assert not (tiny_file.parent / "mlruns.db").exists()
 
 
+def test_a_missing_file_is_said_to_be_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: cannot read the experiments file",
+                                f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory"]
+
+
+@pytest.mark.parametrize("flag,value", [("--ray-address", "auto"), ("--ray-gpus", "1"), ("--ray-cpus", "4")])
+def test_ray_flags_need_the_ray_executor(tiny_file: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
+    # --ray-cpus alone used to be ignored without a word
+    assert main(["run", str(tiny_file), flag, value]) == 2
+    assert f"error: {flag} needs --executor ray" in capsys.readouterr().err
+    assert not (tiny_file.parent / "mlruns.db").exists()
+
+
 @pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
 def test_a_tune_timeout_that_is_no_time_limit_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture,
                                                                 value: str) -> None:

@@ -80,7 +80,7 @@ def check(path: Path, command: str = "ls") -> str:
         return result
     assert code == 2, err
     lines = err.splitlines()
-    assert lines[0] == "error: invalid experiments file" and len(lines) > 1
+    assert lines[0] in ("error: invalid experiments file", "error: cannot read the experiments file") and len(lines) > 1
     assert all(line.startswith(f"{path}:") for line in lines[1:]), err
     assert "Traceback" not in err
     if command != "ls":  # nothing is trained or logged for a bad file

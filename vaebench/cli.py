@@ -118,14 +118,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _ray(args: argparse.Namespace) -> Any:
     """RayOptions for `--executor ray`, None for the local executors."""
     if args.executor != "ray":
-        for flag in ("ray_address", "ray_gpus"):
+        for flag in ("ray_address", "ray_gpus", "ray_cpus"):
             if getattr(args, flag, None) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} needs --executor ray")
         return None
     from vaebench.runner import RayOptions
 
     return RayOptions(address=args.ray_address, gpus=getattr(args, "ray_gpus", None),
-                      cpus=getattr(args, "ray_cpus", 1.0))
+                      cpus=1.0 if getattr(args, "ray_cpus", None) is None else args.ray_cpus)
 
 
 class UsageError(ValueError):
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_flags(run)
     run.add_argument("--ray-gpus", type=_fraction, metavar="F",
                      help="GPUs per unit on the Ray cluster (a fraction shares a GPU; default 1 when it has GPUs)")
-    run.add_argument("--ray-cpus", type=_fraction, default=1.0, metavar="N", help="CPUs per unit (default 1)")
+    run.add_argument("--ray-cpus", type=_fraction, default=None, metavar="N", help="CPUs per unit (default 1)")
     ev = with_file("evaluate", "redo the evaluation of finished runs from their saved models (no retraining)")
     ev.add_argument("--iw-samples", type=_iw_samples, metavar="K",
                     help="k of the importance-weighted NLL, or auto (overrides evaluate.iw_samples)")
@@ -432,7 +432,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                  "to continue")
         return EXIT_PIPE
     except ConfigError as e:
-        _err(f"error: invalid experiments file\n{e}")
+        unread = all(p.lstrip(" 0123456789:").startswith("cannot read the file") for p in e.problems)
+        _err(f"error: {'cannot read the experiments file' if unread else 'invalid experiments file'}\n{e}")
         return EXIT_USAGE
     except (SelectionError, UsageError, OutputPathError) as e:
         _err(f"error: {e}")
