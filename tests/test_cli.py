@@ -69,6 +69,20 @@ def test_bad_only_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixtur
     assert not (tiny_file.parent / "mlruns.db").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="asks for a device the machine lacks")
+def test_a_device_the_machine_lacks_stops_the_sweep_before_it_starts(write_yaml, capsys: pytest.CaptureFixture) -> None:
+    # it used to end the sweep with exit 1 and a RuntimeError naming neither the file nor the setting
+    import mlflow
+
+    path = write_yaml("name: gpu-only\ndefaults: {dataset: digits, device: cuda}\nmatrix: {model: [ae, vae]}\n")
+    assert main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: device: 'cuda', in 2 cells to train: device 'cuda' requested but CUDA is not " \
+           "available here; use device: auto" in err
+    mlflow.set_tracking_uri(f"sqlite:///{path.parent / 'mlruns.db'}")
+    assert mlflow.search_runs(experiment_names=["gpu-only"]).empty  # no sweep, no cell run
+
+
 def test_a_missing_file_is_said_to_be_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err

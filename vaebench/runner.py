@@ -23,7 +23,8 @@ Printer = Callable[[str], None]
 
 
 class SelectionError(ValueError):
-    """A bad `--only` filter (unknown setting, or no cell matches)."""
+    """A bad `--only` filter (unknown setting, or no cell matches), or cells that ask for a device
+    this machine lacks."""
 
 
 @dataclass
@@ -182,6 +183,8 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         else:
             todo.append(_cell(spec, decision.run_id if decision.action == "resume" else None, force_since,
                               retry_failed))
+    if ray is None:
+        _check_devices(exp, todo)
     if ray is not None:  # the cluster's devices decide, not this machine's
         from vaebench import cluster
 
@@ -359,6 +362,21 @@ def _end_parent(tracker: tracking.Tracker, parent_id: str, summary: Summary, sta
 
 
 EVAL_WORKERS_MAX = 8
+
+
+def _check_devices(exp: Experiment, todo: list[Any]) -> None:
+    """Every device the cells to train ask for is here, before any of them starts (a bad input:
+    exit 2, naming the file and the setting)."""
+    from vaebench.train import DeviceUnavailable, resolve_device
+
+    for name in sorted({c.spec.settings.device for c in todo}):
+        try:
+            resolve_device(name)
+        except DeviceUnavailable as e:
+            n = sum(c.spec.settings.device == name for c in todo)
+            others = " (--only device=auto or device=cpu runs the others)" if n < len(todo) else ""
+            raise SelectionError(f"{exp.path}: device: {name!r}, in {plural(n, 'cell')} to train: {e}{others}") \
+                from None
 
 
 def _eval_workers(setting: str | int, device_type: str, jobs: int) -> int:

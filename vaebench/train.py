@@ -45,6 +45,10 @@ class TrainingDiverged(RuntimeError):
         return (type(self), (str(self), self.epoch))
 
 
+class DeviceUnavailable(RuntimeError):
+    """A run asks for a device this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto`: CUDA when present, else Apple MPS, else the CPU."""
     if name == "auto":
@@ -54,7 +58,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available here; use device: auto or cpu")
+        raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available here; use device: auto "
+                                "(the GPU when there is one, else the CPU) or cpu")
     return device
 
 
