@@ -141,6 +141,18 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_at_load(write_yaml, uri: s
     assert f":5: tracking_uri: {uri!r}: {message}" in text
 
 
+@pytest.mark.parametrize("defaults,message", [
+    ("{model: info_vae, family_options: {info_vae: {alpha: 0, weight: 0.5}}}",
+     ":3: defaults.family_options: info_vae: alpha + weight must be >= 1"),
+    ("{compile: on}", ":3: defaults.compile: True: on/true/yes is not a compile setting; allowed: auto"),
+    ("{gaussian_sigma: learnt}", ":3: defaults.gaussian_sigma: 'learnt': must be a number > 0 or 'learned'"),
+    ("", ":3: defaults: empty (the key has no value); give a mapping, or leave the key out")])
+def test_messages_say_what_the_user_wrote_once(write_yaml, defaults: str, message: str) -> None:
+    # no pydantic internals ("value.", "Value error, ", "instance of ..."), one line per problem
+    text = errors_of(write_yaml(f"name: x\nmatrix: {{model: [vae]}}\ndefaults: {defaults}\n"))
+    assert message in text and len(text.splitlines()) == 1 and "Value error" not in text
+
+
 def test_bad_include_entry(write_yaml) -> None:
     text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: dae, noise: -1}\n"))
     assert "include[0].noise" in text and "-1" in text

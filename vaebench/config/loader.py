@@ -174,6 +174,9 @@ class _Problems:
             if e["type"] == "extra_forbidden":
                 allowed = _allowed_keys(prefix + loc[:-1])
                 msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            elif e.get("input", 0) is None and e["type"] in ("model_type", "dict_type", "list_type"):
+                what = "a list" if e["type"] == "list_type" else "a mapping"
+                msg = f"empty (the key has no value); give {what}, or leave the key out"
             elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{_show(e['input'])}: {msg}"
             # an options block's own message starts with the path inside it (`conv.chanels: ...`):

@@ -239,6 +239,16 @@ class RunSettings(_Strict):
 
         return _one_of(v, ARCHS, "architecture")
 
+    @field_validator("gaussian_sigma", mode="before")
+    @classmethod
+    def _sigma_word(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "learned":  # one message, not one per type the field takes
+            try:
+                float(v)  # a number in quotes is read as the number, as everywhere
+            except ValueError:
+                raise ValueError("must be a number > 0 or 'learned'") from None
+        return v
+
     @field_validator("gaussian_sigma")
     @classmethod
     def _positive_sigma(cls, v: float | str) -> float | str:
@@ -249,7 +259,10 @@ class RunSettings(_Strict):
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as false: `compile: off` means what it says
+        # YAML 1.1 reads a bare `off` as false: `compile: off` means what it says; `on` is no value
+        if v is True:
+            raise ValueError("on/true/yes is not a compile setting; allowed: auto (graphs on CUDA, off "
+                             "elsewhere), off, graphs")
         return "off" if v is False else v
 
     @field_validator("device")
@@ -355,17 +368,21 @@ def _validate_block(registry: dict, name: str, options: dict, what: str, schema_
     try:
         out = schema.model_validate(options).model_dump()
     except ValidationError as e:
-        raise ValueError(f"{name}.{_first_message(e, schema)}") from None
+        inside = all(err["loc"] for err in e.errors())
+        raise ValueError(f"{name}{'.' if inside else ': '}{_first_message(e, schema)}") from None
     for path, problem in _number_problems(out):
         raise ValueError(f"{name}.{_fmt_path(path)}: {problem}")
     return out
 
 
 def _first_message(e: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    """Each error as `option: what` (an error of the options together, as `what`)."""
     parts = []
     for err in e.errors():
-        loc = ".".join(map(str, err["loc"])) or "value"
-        if err["type"] == "extra_forbidden" and schema is not None:
+        loc = ".".join(map(str, err["loc"]))
+        if not loc:  # the options' own check (info_vae: alpha + weight >= 1)
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden" and schema is not None:
             parts.append(f"{loc}: unknown option; allowed: {', '.join(schema.model_fields) or 'none'}")
         elif err["type"] == "missing":
             parts.append(f"{loc}: required")
