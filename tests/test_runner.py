@@ -3,6 +3,7 @@ after a real interruption. Every test uses its own SQLite store in tmp_path."""
 
 from __future__ import annotations
 
+import html
 import os
 import signal
 import subprocess
@@ -150,6 +151,11 @@ def test_a_study_deleted_in_mlflow_is_restored_and_the_user_told(tiny_file: Path
     exp = load_experiment(tiny_file)
     client = mlflow.MlflowClient(exp.resolved_tracking_uri())
     client.delete_experiment(client.get_experiment_by_name("tiny").experiment_id)  # the UI's delete
+    # the report, built meanwhile, says why it has no runs (it used to say only "not run yet")
+    from vaebench.report import build_report
+
+    text = html.unescape(" ".join(build_report(exp).read_text(encoding="utf-8").split()))
+    assert "the experiment is in MLflow's trash, its runs not read: `vaebench run` restores it" in text
     lines: list[str] = []
     summary = run_experiment(exp, progress=False, echo=lines.append)
     assert "experiment 'tiny' had been deleted in MLflow (it was in the trash): restored" in lines[0]

@@ -90,6 +90,7 @@ class ReportData:
     ended: float | None              # last run end
     generated: float = field(default_factory=time.time)
     references: pd.DataFrame | None = None  # the file's `reference:` entries beside our numbers (references())
+    trashed: bool = False                # the experiment is in MLflow's trash: its runs are not read
 
     @property
     def seeds(self) -> int:
@@ -159,7 +160,8 @@ def collect(exp: Experiment, *, images: bool = True) -> ReportData:
         not_run=sum(key not in logged_keys for key in specs),
         superseded_failures=superseded, outside_file=outside,
         started=min(starts) / 1000 if starts else None, ended=max(ends) / 1000 if ends else None,
-        references=references(exp, runs_df, specs))
+        references=references(exp, runs_df, specs),
+        trashed=found is not None and found.lifecycle_stage == "deleted")
 
 
 REFERENCE_COLUMNS = ("reference", "metric", "source", "where", "run_name", "run_id", "ours", "published",

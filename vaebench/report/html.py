@@ -140,6 +140,9 @@ def header(data: ReportData, exp_file: str | None) -> str:
         extra.append(f"{plural(data.not_run, 'cell')} of the file not run yet")
     if data.outside_file:
         extra.append(f"{plural(data.outside_file, 'run')} of cells no longer in the file not shown")
+    if data.trashed:
+        extra.append("the experiment is in MLflow's trash, its runs not read: `vaebench run` restores it "
+                     "(or `mlflow experiments restore`)")
     if data.superseded_failures:
         extra.append(f"{plural(data.superseded_failures, 'failed attempt')} superseded by a finished re-run")
     seconds = float(runs["train/seconds"].sum()) if "train/seconds" in runs else 0.0
