@@ -153,6 +153,13 @@ def test_messages_say_what_the_user_wrote_once(write_yaml, defaults: str, messag
     assert message in text and len(text.splitlines()) == 1 and "Value error" not in text
 
 
+def test_x_keys_hold_anchors_and_are_no_setting(write_yaml) -> None:
+    exp = load_experiment(write_yaml("name: x\nx-small: &small {hidden: [16]}\n"
+                                     "defaults: {dataset: digits, arch_options: {mlp: *small}}\nmatrix: {model: [vae]}\n"))
+    assert exp.defaults["arch_options"] == {"mlp": {"hidden": [16]}}
+    assert "unknown key 'y-small'" in errors_of(write_yaml("name: x\ny-small: 1\nmatrix: {model: [vae]}\n", "y.yaml"))
+
+
 def test_bad_include_entry(write_yaml) -> None:
     text = errors_of(write_yaml("name: x\nmatrix: {model: [vae]}\ninclude:\n  - {model: dae, noise: -1}\n"))
     assert "include[0].noise" in text and "-1" in text

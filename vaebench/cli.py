@@ -443,7 +443,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         by = _received[0] if _received else signal.SIGINT
-        _err(f"{'interrupted' if by == signal.SIGINT else 'stopped by SIGTERM'}: finished cells are kept; "
+        kept = "finished trials are kept" if args.command == "tune" else "finished cells are kept"
+        _err(f"{'interrupted' if by == signal.SIGINT else 'stopped by SIGTERM'}: {kept}; "
              f"run the same command again to resume")
         return 128 + by  # 130 (Ctrl-C) or 143 (SIGTERM), as a shell reports a process the signal ended
     except Exception as e:  # noqa: BLE001 - a message, not a traceback (VAEBENCH_DEBUG=1 shows it)

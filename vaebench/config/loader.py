@@ -230,6 +230,9 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     root, raw = _parse(path, text)
     if not isinstance(raw, dict):
         raise ConfigError(path, [" the file must be a mapping with at least `name` and `matrix`"])
+    # `x-` keys at the top hold YAML anchors for the rest of the file (`x-mlp: &mlp {...}`), as in
+    # Compose files; they are no setting
+    raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("x-"))}
     problems = _Problems(root)
     for where, message in _number_problems(raw):
         problems.add(where, message)
