@@ -164,12 +164,11 @@ def expand(exp: Experiment) -> list[RunSpec]:
 
 
 def _matrix_cells(exp: Experiment, used: set[int]) -> list[RunSpec | None]:
-    """The matrix's cells (None where an exclude rule removes one; the rules that do go into `used`),
-    validated per group of axes
-    instead of per cell: the axes that set one setting, or settings validated together
-    (RunSettings.VALIDATED_TOGETHER), form a group; each combination of a group's values is
-    validated once, with the defaults, and a cell is the validated defaults with every group's
-    fields put in. That is what validating each cell gives (no other validator reads two fields)
+    """The matrix's cells (None where an exclude rule removes one; the rules that do go into
+    `used`), validated per group of axes instead of per cell: the axes that set one setting, or
+    settings validated together (RunSettings.VALIDATED_TOGETHER), form a group; each combination
+    of a group's values is validated once, with the defaults, and a cell is the validated defaults
+    with every group's fields put in. That is what validating each cell gives (no other validator reads two fields)
     at a fraction of the cost. Any invalid combination falls back to validating cell by cell, so
     the error is the one that cell gets."""
     axes = [*exp.matrix.items(), ("seed", exp.seeds)]
