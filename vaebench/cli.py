@@ -158,9 +158,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from vaebench.outputs import output_path, study_files
+    from vaebench.outputs import output_path
     from vaebench.report.vocabulary import filename_safe
     from vaebench.tune import tune_experiment
+    from vaebench.tune.storage import study_files
 
     exp = _load(args)
     if args.storage and "://" not in args.storage:  # as tune.storage is checked in the file
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     """The command, its errors turned into one message and an exit code."""
     from vaebench.cluster import ClusterError
-    from vaebench.config import ConfigError
+    from vaebench.config.schema import ConfigError, UnreadableFile
     from vaebench.outputs import OutputPathError
     from vaebench.runner import SelectionError
 
@@ -432,8 +433,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                  "to continue")
         return EXIT_PIPE
     except ConfigError as e:
-        unread = all(p.lstrip(" 0123456789:").startswith("cannot read the file") for p in e.problems)
-        _err(f"error: {'cannot read the experiments file' if unread else 'invalid experiments file'}\n{e}")
+        what = "cannot read the experiments file" if isinstance(e, UnreadableFile) else "invalid experiments file"
+        _err(f"error: {what}\n{e}")
         return EXIT_USAGE
     except (SelectionError, UsageError, OutputPathError) as e:
         _err(f"error: {e}")

@@ -168,9 +168,9 @@ def _matrix_cells(exp: Experiment, used: set[int]) -> list[RunSpec | None]:
     `used`), validated per group of axes instead of per cell: the axes that set one setting, or
     settings validated together (RunSettings.VALIDATED_TOGETHER), form a group; each combination
     of a group's values is validated once, with the defaults, and a cell is the validated defaults
-    with every group's fields put in. That is what validating each cell gives (no other validator reads two fields)
-    at a fraction of the cost. Any invalid combination falls back to validating cell by cell, so
-    the error is the one that cell gets."""
+    with every group's fields put in. That is what validating each cell gives (no other validator
+    reads two fields) at a fraction of the cost. Any invalid combination falls back to validating
+    cell by cell, so the error is the one that cell gets."""
     axes = [*exp.matrix.items(), ("seed", exp.seeds)]
     together = set(RunSettings.VALIDATED_TOGETHER)
     groups: dict[str, list[int]] = {}  # group -> indices into `axes`

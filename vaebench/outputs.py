@@ -9,10 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from vaebench.config import Experiment
 
 
 class OutputPathError(ValueError):
@@ -25,7 +21,7 @@ def output_path(out: str | os.PathLike, default_name: str, flag: str,
     slash (a folder to be made), gets `default_name` inside it; a link to a file is followed (the
     file is replaced, the link kept). Anything else that exists must be a regular file: writing
     replaces the path, and a device such as /dev/null must never be replaced; nor may the files
-    in `keep` (path -> what it is: `study_files`). Relative paths are taken from the working
+    in `keep` (path -> what it is: `tune.storage.study_files`). Relative paths are taken from the working
     directory. `flag` names the option in the error."""
     raw = os.fspath(out)
     path = Path(raw).expanduser()
@@ -36,24 +32,11 @@ def output_path(out: str | os.PathLike, default_name: str, flag: str,
     if path.exists() and not path.is_file():
         raise OutputPathError(f"{flag} {raw}: {path} exists and is not a regular file or a folder; "
                               f"give a file path or a folder")
-    for kept, what in (keep or {}).items():
-        if path.exists() and kept.exists() and os.path.samefile(path, kept):
+    for kept, what in (keep or {}).items() if path.exists() else ():
+        if kept.exists() and os.path.samefile(path, kept):
             raise OutputPathError(f"{flag} {raw}: {path} is {what}, which this would overwrite; "
                                   "give another file or a folder")
     return path
-
-
-def study_files(exp: Experiment) -> dict[Path, str]:
-    """The files a study lives in, which no output may replace: the experiments file, and the
-    MLflow and Optuna stores where they are SQLite files."""
-    from vaebench.tune.storage import resolved_storage
-
-    files = {exp.path: "the experiments file"} if exp.path else {}
-    for url, what in ((exp.resolved_tracking_uri(), "the study's MLflow store"),
-                      (resolved_storage(exp), "the study's Optuna storage")):
-        if url.startswith("sqlite:///") and ":memory:" not in url:
-            files[Path(url[len("sqlite:///"):])] = what
-    return files
 
 
 def write_atomic(path: Path, text: str) -> Path:

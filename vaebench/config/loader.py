@@ -28,8 +28,8 @@ from pydantic import ValidationError
 from vaebench.config.schema import (MAX_BYTES, MAX_DEPTH, MAX_NODES, METRIC_PATTERN, PRUNERS, RESERVED_OPTIONS,
                                     SAMPLERS, SETTING_NAMES, STOCHASTIC_METRICS, ConfigError, EvaluateSettings,
                                     Experiment, KLAnneal, LRSchedule, Prior, Reference, RunSettings, SearchParam,
-                                    TuneSettings, _fmt_path, _listing, _number_problems, _show, in_matrix,
-                                    metric_problem)
+                                    TuneSettings, UnreadableFile, _fmt_path, _listing, _number_problems, _show,
+                                    in_matrix, metric_problem)
 from vaebench.matrix import MatrixError, apply_setting, expand, matches, same_value, split_axis
 
 # --- loading -----------------------------------------------------------------------------------
@@ -217,15 +217,15 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         with path.open("rb") as f:  # at most MAX_BYTES + 1: `vaebench ls /dev/zero` must not hang
             data = f.read(MAX_BYTES + 1)
     except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
-        raise ConfigError(path, [f" cannot read the file: {getattr(e, 'strerror', None) or e}"]) from None
+        raise UnreadableFile(path, [f" cannot read the file: {getattr(e, 'strerror', None) or e}"]) from None
     if len(data) > MAX_BYTES:
-        raise ConfigError(path, [f" cannot read the file: it is larger than {MAX_BYTES // 2**20} MiB, the limit "
+        raise UnreadableFile(path, [f" cannot read the file: it is larger than {MAX_BYTES // 2**20} MiB, the limit "
                                  "for an experiments file"])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(path, [f"{line}: cannot read the file: it is not UTF-8 text "
+        raise UnreadableFile(path, [f"{line}: cannot read the file: it is not UTF-8 text "
                                  f"(byte 0x{data[e.start]:02x} at offset {e.start})"]) from None
     root, raw = _parse(path, text)
     if not isinstance(raw, dict):

@@ -44,6 +44,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{self.file}:{p}" for p in self.problems))
 
 
+class UnreadableFile(ConfigError):
+    """The experiments file could not be read at all (missing, not text, too large)."""
+
+
 class Conflict(ValueError):
     """Two settings that cannot go together; `rule`: the exclude rule that removes such matrix cells
     (a matrix's error shows it, `in_matrix`; a tuning trial's does not: its space has no rules)."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vaebench.outputs import output_path, study_files, write_atomic
+from vaebench.outputs import output_path, write_atomic
 from vaebench.report.vocabulary import filename_safe
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ def build_report(exp: Experiment, out: str | os.PathLike | None = None, fmt: str
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    from vaebench.tune.storage import study_files
+
     path = (output_path(out, default_output(exp, fmt).name, "--out", keep=study_files(exp)) if out
             else default_output(exp, fmt))
     data = collect(exp, images=fmt == "html")

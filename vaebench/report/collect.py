@@ -469,10 +469,10 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
         number = _int(r.data.tags.get(TAG_TRIAL_NUMBER))
         if number is None:
             continue
-        ended = r.info.end_time and r.info.start_time and (r.info.end_time - r.info.start_time) / 1000
+        wall = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
         row = {"number": number, "run_id": r.info.run_id, "run_name": r.info.run_name,
                "state": (r.data.tags.get(TAG_TRIAL_STATE) or _state_of(r.info.status)).upper(),
-               "train_seconds": r.data.metrics.get("train/seconds"), "wall_seconds": ended or None}
+               "train_seconds": r.data.metrics.get("train/seconds"), "wall_seconds": wall}
         row.update({f"value {i}": r.data.metrics.get(m) for i, m in enumerate(objectives)})
         row.update({f"param {k}": v for k, v in r.data.params.items()})
         rows[number] = row

@@ -68,6 +68,17 @@ def resolved_storage(exp: Experiment) -> str:
     return "sqlite:///" + str((folder / "optuna.db").resolve())
 
 
+def study_files(exp: Experiment) -> dict[Path, str]:
+    """The files a study lives in, which no output may replace: the experiments file, and the
+    MLflow and Optuna stores where they are SQLite files."""
+    files = {exp.path: "the experiments file"} if exp.path else {}
+    for url, what in ((exp.resolved_tracking_uri(), "the study's MLflow store"),
+                      (resolved_storage(exp), "the study's Optuna storage")):
+        if url.startswith("sqlite:///") and ":memory:" not in url:
+            files[Path(url[len("sqlite:///"):])] = what
+    return files
+
+
 def storage_display(url: str) -> str:
     """The storage URL without its password (it goes into MLflow tags and the console)."""
     try:
