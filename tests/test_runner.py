@@ -235,7 +235,7 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed_and_exits_128_plus_the_signal(wr
 def test_a_pool_worker_told_to_terminate_exits_after_its_grace_even_when_busy() -> None:
     """A pool that terminates its workers (one of them was killed) joins them: a worker that only
     took SIGTERM as a request to stop would keep it waiting forever."""
-    code = ("import time; from vaebench.results import exit_after_grace; "
+    code = ("import time; from vaebench.lifetime import exit_after_grace; "
             "exit_after_grace(15, seconds=0.5); time.sleep(60)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 143, proc.stderr  # the grace ended it, not the sleep (which exits 0)

@@ -10,7 +10,8 @@ The policy, newest attempt first:
 - the last attempt was interrupted (KILLED: Ctrl-C, `--fail-fast`; or still RUNNING with no live
   claim: its runner was killed, or its machine lost): resume it from its last good checkpoint, in
   the same run. It did not fail; it was stopped;
-- it FAILED because of its environment (the tracking store, the disk, memory, missing data):
+- it FAILED because of its environment (the tracking store, the disk, memory, missing data, a
+  worker process that died under it):
   resume it from its last good checkpoint too. The computation was not at fault, and the
   checkpoint holds it exactly;
 - its checkpoint turned out damaged: train afresh in a new run (the damaged run is FAILED with
@@ -23,7 +24,9 @@ The policy, newest attempt first:
   The failed run stays as the record of what happened.
 
 Nothing is retried within one invocation: every retry is a rerun that someone asked for, so a
-sweep's outcome does not depend on how often it was started.
+sweep's outcome does not depend on how often it was started. (A worker process that dies is
+replaced within the invocation, vaebench.executors / results.PoolEvaluator: its cells did not
+fail, and they continue from their checkpoints.)
 
 Owns: the failure classes (the `vaebench.failure` tag) and the decision. Never touches the store.
 """
@@ -42,6 +45,8 @@ INTERRUPTED = ("RUNNING", "SCHEDULED", "KILLED")
 
 def failure_kind(error: BaseException) -> str:
     """The class of a failure, recorded on the run (tag `vaebench.failure`)."""
+    from concurrent.futures import BrokenExecutor
+
     from mlflow.exceptions import MlflowException
 
     from vaebench.data import DatasetUnavailable
@@ -51,8 +56,10 @@ def failure_kind(error: BaseException) -> str:
         return DIVERGED
     if isinstance(error, tracking.ArtifactDamaged):
         return DAMAGED
+    # BrokenExecutor: a worker process died under the cell (killed, or out of memory)
     if isinstance(error, (OSError, MemoryError, MlflowException, tracking.StoreUnavailable,
-                          tracking.TrackingUnavailable, DatasetUnavailable)) or "OutOfMemoryError" in names:
+                          tracking.TrackingUnavailable, DatasetUnavailable, BrokenExecutor)) \
+            or "OutOfMemoryError" in names:
         return ENVIRONMENT
     return ERROR
 

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 from vaebench import tracking
 from vaebench.config import Experiment
 from vaebench.plan import Unit
-from vaebench.results import CellResult, Evaluator, exit_after_grace
+from vaebench.lifetime import exit_after_grace, exit_with_parent
+from vaebench.results import CellResult, Evaluator
 from vaebench.units import run_unit
 
 
@@ -56,42 +57,78 @@ class LocalExecutor:
 
 
 class PoolExecutor:
+    """A worker that dies (killed, out of memory) breaks the pool: CPython then stops the other
+    workers too (SIGTERM: they end their units' runs KILLED, resumable). The units that had not
+    come back go to a new pool, at most POOL_RESTARTS times a sweep; their cells are taken over
+    from the dead worker (its claims die with its process) and resume from their checkpoints."""
+
+    POOL_RESTARTS = 3
+
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, parent_id: str, jobs: int, *, gpus: int = 0,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, echo: Callable[[str], None] = print):
         self.exp, self.tracker, self.parent_id, self.jobs, self.gpus = exp, tracker, parent_id, jobs, gpus
         self.should_stop = should_stop  # polled while the workers train: a stop asked of this process reaches them
+        self.echo = echo
         self._stop: Any = None  # a multiprocessing Event the workers share
+        self._stopped = False
 
     def stop(self) -> None:
+        self._stopped = True
         if self._stop is not None:
             self._stop.set()
 
     def run(self, units: Iterable[Unit]) -> Iterator[CellResult]:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures import BrokenExecutor
 
-        units = list(units)
+        left = list(units)
+        for restart in range(self.POOL_RESTARTS + 1):
+            try:
+                yield from self._round(left)
+                return
+            except BrokenExecutor:
+                if self._stopped or restart == self.POOL_RESTARTS or \
+                        (self.should_stop is not None and self.should_stop()):
+                    raise
+                self.echo(f"warning: a worker process died (killed, or out of memory); "
+                          f"{len(left)} unit(s) go to new worker processes")
+
+    def _round(self, left: list[Unit]) -> Iterator[CellResult]:
+        """The units of `left` in one pool; each leaves the list once its results are out."""
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
+
         ctx = multiprocessing.get_context("spawn")
         gpu_ids = ctx.Queue()
         for i in range(self.jobs):
             gpu_ids.put(i % self.gpus if self.gpus else None)
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        self._stop = ctx.Event()
-        with ProcessPoolExecutor(max_workers=min(self.jobs, len(units)), mp_context=ctx,
+        self._stop = ctx.Event()  # a new one: the broken pool's workers set theirs as they were stopped
+        if self._stopped:
+            self._stop.set()
+        with ProcessPoolExecutor(max_workers=min(self.jobs, len(left)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(threads, gpu_ids, self._stop)) as pool:
-            futures = [pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id)
-                       for unit in units]
+            futures = {pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id): unit
+                       for unit in left}
             pending = set(futures)
+            broken: BaseException | None = None
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     if self.should_stop is not None and self.should_stop():  # SIGTERM to this process only
                         self._stop.set()
                     for future in done:
-                        yield from future.result()
+                        try:
+                            results = future.result()
+                        except BrokenExecutor as e:  # the units that did come back still count
+                            broken = e
+                            continue
+                        left.remove(futures[future])
+                        yield from results
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            if broken is not None:
+                raise broken
 
 
 class RayExecutor:
@@ -147,6 +184,7 @@ def _init_worker(threads: int, gpu_ids: Any, stop: Any) -> None:
     _WORKER["stop"] = stop
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda signum, _: (stop.set(), exit_after_grace(signum)))
+    exit_with_parent()
 
 
 def _unit_in_worker(exp: Experiment, unit: Unit, uri: str, parent_id: str) -> list[CellResult]:

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vaebench import claims, tracking
 from vaebench.config import EvaluateSettings, Experiment, RunSettings
+from vaebench.lifetime import exit_after_grace, exit_with_parent
 
 if TYPE_CHECKING:  # annotations only: this module imports torch lazily
     from vaebench.data import Dataset
@@ -325,6 +324,10 @@ class Evaluator:
         """Wait for every submitted cell; the cells finished since the last call."""
         return self.ready()
 
+    def interrupt(self) -> list[CellResult]:
+        """The sweep is stopping: the cells whose evaluation ended (here: every submitted one)."""
+        return self.ready()
+
     def pending_runs(self) -> list[str]:
         """Runs whose evaluation was submitted but has not ended (to mark KILLED on an interrupt)."""
         return []
@@ -344,27 +347,60 @@ class PoolEvaluator(Evaluator):
     The device part stays in the trainer's thread, between units. Running it beside the next
     unit's training (its own thread and CUDA stream) was tried and measured on an H100: the two
     contend for the GPU (the packs' epochs 16-37% slower, each evaluation about twice as long) and
-    the study took as long (benchmarks/results/h100-bench_gpu-overlap-timeline.log)."""
+    the study took as long (benchmarks/results/h100-bench_gpu-overlap-timeline.log).
+
+    A worker that dies (killed, out of memory) breaks the whole pool: its jobs and the other
+    workers' fail with BrokenProcessPool. The pool is then started anew and those jobs go to it
+    again, each at most JOB_RETRIES more times; a job that still meets a dead pool fails its cell
+    as an environment failure (vaebench.attempts), which the next run resumes and evaluates."""
+
+    JOB_RETRIES = 2
 
     def __init__(self, exp: Experiment, tracker: tracking.Tracker, background: tracking.Background,
-                 workers: int, queue: int | None = None):
+                 workers: int, queue: int | None = None, echo: Callable[[str], None] = print):
+        super().__init__(exp, tracker, background)
+        self.workers, self.echo = workers, echo
+        self.pool = self._new_pool()
+        self.limit = queue or 4 * workers
+        self._baselines: dict[str, Any] = {}  # baseline key -> future
+        self._baseline_settings: dict[str, RunSettings] = {}  # to start one again in a new pool
+        self._waiting: list[tuple[Job, RunSpec, str, float, str | None]] = []  # jobs whose baseline is not ready
+        self._running: dict[Any, tuple[Job, RunSpec, str, float, str | None]] = {}
+        self._broken: dict[str, int] = {}  # run id (or baseline key) -> the dead pools its job met
+        self._stopped = False  # interrupted: nothing more is sent to the pool
+
+    def _new_pool(self) -> Any:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        super().__init__(exp, tracker, background)
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_eval_worker)
-        self.limit = queue or 4 * workers
-        self._baselines: dict[str, Any] = {}  # baseline key -> future
-        self._waiting: list[tuple[Job, RunSpec, str, float, str | None]] = []  # jobs whose baseline is not ready
-        self._running: dict[Any, tuple[Job, RunSpec, str, float, str | None]] = {}
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_eval_worker)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """pool.submit, in a new pool when a worker's death broke this one."""
+        from concurrent.futures import BrokenExecutor
+
+        try:
+            return self.pool.submit(fn, *args)
+        except BrokenExecutor:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            self.echo("warning: an evaluation worker process died (killed, or out of memory); "
+                      "its evaluations start again in a new pool")
+            return self.pool.submit(fn, *args)
+
+    def _met_a_dead_pool(self, key: str) -> bool:
+        """Count one more dead pool for this job; True while it may be tried again."""
+        self._broken[key] = self._broken.get(key, 0) + 1
+        return self._broken[key] <= self.JOB_RETRIES
 
     def baselines(self, settings: list[RunSettings]) -> None:
         """Start the baselines in the pool: they run while the first unit trains."""
         if not self.exp.evaluate.clustering:
             return
         for key, s in {baseline_key(s, self.exp.evaluate): s for s in settings}.items():
-            self._baselines[key] = self.pool.submit(_baseline_in_worker, self.exp, s)
+            self._baseline_settings[key] = s
+            self._baselines[key] = self._submit(_baseline_in_worker, self.exp, s)
 
     def submit(self, spec: RunSpec, run_id: str, result: TrainResult, data: Dataset, status: str,
                started: float, note: str | None = None) -> None:
@@ -381,24 +417,42 @@ class PoolEvaluator(Evaluator):
     def _in_flight(self) -> int:
         return len(self._running) + len(self._waiting)
 
+    def _baseline_of(self, job: Job) -> tuple[bool, dict[str, float] | None]:
+        """(ready, scores) of the baseline a job needs (None: the job computes it itself)."""
+        from concurrent.futures import BrokenExecutor
+
+        key = baseline_key(job.settings, self.exp.evaluate)
+        future = self._baselines.get(key)
+        if future is None:
+            return True, None
+        if not future.done():
+            return False, None
+        try:
+            return True, future.result()
+        except BrokenExecutor:
+            if self._met_a_dead_pool(key):
+                self._baselines[key] = self._submit(_baseline_in_worker, self.exp, self._baseline_settings[key])
+                return False, None
+        except Exception:  # noqa: BLE001 - the job computes it itself, and fails there if it must
+            pass
+        return True, None
+
     def _dispatch(self) -> None:
+        if self._stopped:
+            return
         still = []
         for item in self._waiting:
             job = item[0]
             if self.exp.evaluate.clustering:
-                future = self._baselines.get(baseline_key(job.settings, self.exp.evaluate))
-                if future is not None and not future.done():
+                ready, job.baseline = self._baseline_of(job)
+                if not ready:
                     still.append(item)
                     continue
-                try:
-                    job.baseline = future.result() if future is not None else None
-                except Exception:  # noqa: BLE001 - the job computes it itself, and fails there if it must
-                    job.baseline = None
-            self._running[self.pool.submit(_complete_in_worker, job, self.tracker.uri, self.exp.name)] = item
+            self._running[self._submit(_complete_in_worker, job, self.tracker.uri, self.exp.name)] = item
         self._waiting = still
 
     def _collect(self, block: bool) -> None:
-        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, CancelledError, wait
 
         self._dispatch()
         pending = list(self._running) + [f for f in self._baselines.values() if not f.done()]
@@ -406,12 +460,22 @@ class PoolEvaluator(Evaluator):
             return
         done, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
+            if future.cancelled():  # an interrupt took it out of the queue: it stays pending (KILLED)
+                continue
             item = self._running.pop(future, None)
             if item is None:
                 continue  # a baseline: _dispatch picks it up
             job, spec, status, started, note = item
             try:
                 metrics = future.result()
+            except BrokenExecutor as e:
+                if self._met_a_dead_pool(job.run_id) and not self._stopped:
+                    self._waiting.append(item)
+                else:
+                    self.failed(spec, job.run_id, e, started, note)
+                continue
+            except CancelledError:
+                continue
             except Exception as e:  # noqa: BLE001
                 self.failed(spec, job.run_id, e, started, note)
                 continue
@@ -425,6 +489,15 @@ class PoolEvaluator(Evaluator):
     def drain(self) -> list[CellResult]:
         while self._in_flight():
             self._collect(block=True)
+        return super().ready()
+
+    def interrupt(self) -> list[CellResult]:
+        """The sweep is stopping: start nothing more, let the evaluations in hand end (their cells
+        finish as usual), and leave the queued ones pending (`pending_runs`: to mark KILLED)."""
+        self._stopped = True
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        while any(f.done() and not f.cancelled() for f in self._running):
+            self._collect(block=False)
         return super().ready()
 
     def pending_runs(self) -> list[str]:
@@ -445,19 +518,6 @@ class PoolEvaluator(Evaluator):
 _WORKER: dict[str, Any] = {}  # per evaluation worker process: its trackers
 
 
-WORKER_GRACE = 60.0  # seconds a pool worker has, after SIGTERM, to end its batch and mark its runs
-
-
-def exit_after_grace(signum: int, seconds: float = WORKER_GRACE) -> None:
-    """SIGTERM in a pool worker: exit within `seconds` however it is busy. A worker that took
-    SIGTERM only as a request to stop would keep a pool that terminates its workers (a broken pool:
-    another worker was killed) waiting for it forever; this one ends its batch and its runs' marks
-    first when it can, and its pool shuts it down earlier when the sweep stops."""
-    timer = threading.Timer(seconds, os._exit, (128 + signum,))
-    timer.daemon = True
-    timer.start()
-
-
 def _init_eval_worker() -> None:
     import signal
 
@@ -468,6 +528,7 @@ def _init_eval_worker() -> None:
     # whole group got it) lets the evaluation in hand finish, within a grace period
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, _: exit_after_grace(signum))
+    exit_with_parent()
 
 
 def _tracker(uri: str, experiment: str) -> tracking.Tracker:

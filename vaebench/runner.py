@@ -216,7 +216,8 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
     echo(f"experiment {exp.name!r}: {plural(len(specs), 'cell')}, {len(todo)} to train in {plural(len(units), 'unit')}"
          f"{' (' + '; '.join(how) + ')' if how else ''}; tracking at {tracker.uri}")
     background = tracking.Background()
-    evaluator = PoolEvaluator(exp, tracker, background, workers) if workers else Evaluator(exp, tracker, background)
+    evaluator = (PoolEvaluator(exp, tracker, background, workers, echo=echo) if workers
+                 else Evaluator(exp, tracker, background))
     failed_here = lambda: fail_fast and evaluator.failures > 0  # noqa: E731 - failed in this process
     stop = lambda: failed_here() or (should_stop is not None and should_stop())  # noqa: E731
     sweep = _Sweep(exp, tracker, parent_id, jobs, gpus, evaluator, background, progress, echo, stop, fail_fast,
@@ -241,9 +242,13 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
             status = "FAILED"
     except BaseException:  # Ctrl-C, or anything else that ends the sweep early (its output closed, ...)
         status = "KILLED"
-        for run_id, key in zip(evaluator.pending_runs(), evaluator.pending_keys()):
-            background.submit(tracking.finish, tracker, run_id, "KILLED")
-            background.submit(claims.release, tracker, key)
+        try:  # the evaluations in hand end as usual; the queued ones end KILLED (resumable)
+            for result in evaluator.interrupt():
+                sweep.keep(result)
+        finally:
+            for run_id, key in zip(evaluator.pending_runs(), evaluator.pending_keys()):
+                background.submit(tracking.finish, tracker, run_id, "KILLED")
+                background.submit(claims.release, tracker, key)
         raise
     finally:
         results += sweep.results
@@ -281,7 +286,7 @@ class _Sweep:
                                         gpus=self.ray.gpus, cpus=self.ray.cpus)
         elif self.jobs > 1 and len(units) > 1:
             executor = PoolExecutor(self.exp, self.tracker, self.parent_id, self.jobs,
-                                    gpus=self.gpus if self.gpus > 1 else 0, should_stop=self.stop)
+                                    gpus=self.gpus if self.gpus > 1 else 0, should_stop=self.stop, echo=self.echo)
         else:
             executor = LocalExecutor(self.exp, self.tracker, self.parent_id, self.evaluator, self.background,
                                      progress=self.progress, should_stop=self.stop)
@@ -289,15 +294,18 @@ class _Sweep:
         bar = tqdm(total=cells, desc="cells", unit="run", disable=not self.progress)
         try:
             for result in executor.run(units):
-                self.results.append(result)
+                self.keep(result)
                 bar.update()
-                self._show(result)
                 if self.fail_fast and result.status == "failed" and not result.earlier and not self.stopping:
                     self.stopping = True
                     executor.stop()
                     self.echo("--fail-fast: a cell failed; stopping the sweep (running cells end KILLED, resumable)")
         finally:
             bar.close()
+
+    def keep(self, result: CellResult) -> None:
+        self.results.append(result)
+        self._show(result)
 
     def _show(self, result: CellResult) -> None:
         if result.note and result.status != "claimed":
