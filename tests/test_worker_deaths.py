@@ -1,6 +1,7 @@
 """Worker processes that die under a sweep (killed, or taken by the OOM killer): a dead evaluation
 worker or `--jobs` worker costs its pool, not the sweep, and no cell is left failed for it; and
-the workers of a sweep that was itself killed do not outlive it. Real processes, real signals,
+the workers of a sweep that was itself killed do not outlive it; an interrupt keeps what the
+workers finished, and says so. Real processes, real signals,
 real SQLite stores in tmp_path."""
 
 from __future__ import annotations
@@ -159,3 +160,17 @@ def test_an_interrupt_lets_the_evaluations_in_hand_finish_their_cells(tmp_path: 
     # the rerun evaluates only the cells that were not: each cell ends with one FINISHED run
     assert run_experiment(exp, eval_workers=1, progress=False, echo=lambda _: None).exit_code == 0
     _one_finished_run_per_cell(uri, 6)
+
+
+def test_an_interrupt_with_worker_processes_reports_every_cell_that_finished(tmp_path: Path) -> None:
+    path = study_file(tmp_path, epochs=20, betas=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0], samples=320)
+    exp = load_experiment(path)
+    uri = exp.resolved_tracking_uri()
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C once two cells are through
+        run_experiment(exp, jobs=2, progress=False, echo=lines.append,
+                       should_stop=lambda: sum(line.startswith("[") for line in lines) >= 2)
+    finished = {r.info.run_name for r in runs_of(uri) if r.info.status == "FINISHED"}
+    shown = {line.split("] ", 1)[1].split(":", 1)[0] for line in lines if ": trained in" in line}
+    assert len(finished) >= 2 and finished == shown, lines
+    assert "RUNNING" not in {r.info.status for r in runs_of(uri)}

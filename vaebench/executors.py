@@ -110,7 +110,9 @@ class PoolExecutor:
             futures = {pool.submit(_unit_in_worker, self.exp, unit, self.tracker.uri, self.parent_id): unit
                        for unit in left}
             pending = set(futures)
-            broken: BaseException | None = None
+            # raised once every unit is back: the results of the units that did come back count
+            broken: BaseException | None = None  # a worker died
+            stopped: BaseException | None = None  # a unit that was not started: the sweep is stopping
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -119,14 +121,19 @@ class PoolExecutor:
                     for future in done:
                         try:
                             results = future.result()
-                        except BrokenExecutor as e:  # the units that did come back still count
+                        except BrokenExecutor as e:
                             broken = e
+                            continue
+                        except KeyboardInterrupt as e:
+                            stopped = e
                             continue
                         left.remove(futures[future])
                         yield from results
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            if stopped is not None:
+                raise stopped
             if broken is not None:
                 raise broken
 
