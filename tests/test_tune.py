@@ -644,3 +644,18 @@ def test_a_one_epoch_trial_is_never_pruned(write_yaml) -> None:
     study = study_of(path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert study.trials[2].intermediate_values[0] < min(t.intermediate_values[0] for t in study.trials[:2])
+
+
+def test_a_heartbeat_thread_that_an_interrupt_left_beating_is_stopped(tmp_path: Path) -> None:
+    import optuna
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from vaebench.tune.workers import stop_stray_heartbeats
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=60)
+    trial = optuna.create_study(storage=storage).ask()
+    beat = HeartbeatThread(trial._trial_id, storage)
+    beat.start()  # what a Ctrl-C between its start and Optuna's `with` leaves: started, never stopped
+    assert stop_stray_heartbeats() == 1
+    beat._thread.join(timeout=10)
+    assert not beat._thread.is_alive()  # the interpreter can exit
