@@ -170,6 +170,12 @@ def test_pruning_prunes_a_clearly_worse_trial(write_yaml) -> None:
     assert any(line.startswith("trial 2 PRUNED") for line in lines)
     # the pruner saw -val/neg_elbo (the study maximises the ELBO)
     assert pruned.intermediate_values[0] < min(t.intermediate_values[0] for t in study.trials[:2])
+    # the report gives it no objective value: Optuna's value for it is -val/neg_elbo at its last epoch
+    from vaebench.report.collect import collect
+
+    (reported,) = collect(load_experiment(path)).studies
+    values = reported.trials.set_index("number")["value 0"]
+    assert pruned.value is not None and pd.isna(values[2]) and values[[0, 1]].notna().all()
 
 
 def _orphan(path: Path) -> int:

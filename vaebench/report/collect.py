@@ -488,6 +488,9 @@ def _study(client: Any, run: Any, trial_runs: list[Any], exp: Experiment) -> Stu
                 searched += [k for k in t.params if k not in searched]
         except Exception as e:  # noqa: BLE001 - a broken storage only costs the details
             notes.append(f"could not read the trials from the Optuna storage: {type(e).__name__}: {e}")
+    for row in rows.values():  # a pruned trial's value in Optuna is the pruned metric's last step,
+        if row.get("state") != "COMPLETE":  # not the objective: only a complete trial has one
+            row.update({f"value {i}": None for i in range(len(objectives))})
     if not searched:
         searched = _searched_params(exp, rows.values())
     trials = pd.DataFrame(sorted(rows.values(), key=lambda r: r["number"]))
