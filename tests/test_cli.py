@@ -305,4 +305,14 @@ def test_evaluate_takes_iw_samples_auto_as_the_file_does(tiny_file: Path, capsys
 def test_a_storage_flag_that_is_no_url_is_a_usage_error(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
     # the same words as tune.storage in the file, not SQLAlchemy's ArgumentError and exit 1
     assert main(["tune", str(tiny_file), "--storage", "foo"]) == 2
-    assert "error: --storage foo: not an Optuna storage URL; e.g. sqlite:///optuna.db" in capsys.readouterr().err
+    assert "error: --storage: 'foo' is not an Optuna storage URL; e.g. sqlite:///optuna.db" in capsys.readouterr().err
+    # a scheme SQLAlchemy has no dialect for (was NoSuchModuleError, exit 1), a SQLite URL with two slashes
+    assert main(["tune", str(tiny_file), "--storage", "foo://x"]) == 2
+    assert "unsupported scheme 'foo'; allowed: sqlite, postgresql, mysql, mssql, oracle" in capsys.readouterr().err
+    assert main(["tune", str(tiny_file), "--storage", "sqlite://optuna.db"]) == 2
+    assert "three slashes" in capsys.readouterr().err
+    path = tiny_file.with_name("stored.yaml")
+    path.write_text(tiny_file.read_text() + "tune:\n  storage: foo://bar\n  cell: {model: vae}\n  space: {lr: {low: 1.0e-4, high: 0.01}}\n")
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and "tune.storage: 'foo://bar': unsupported scheme 'foo'" in err, err

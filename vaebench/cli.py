@@ -164,9 +164,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from vaebench.tune.storage import study_files
 
     exp = _load(args)
-    if args.storage and "://" not in args.storage:  # as tune.storage is checked in the file
-        raise UsageError(f"--storage {args.storage}: not an Optuna storage URL; e.g. sqlite:///optuna.db "
-                         "or postgresql://user@host/db")
+    from vaebench.config.schema import storage_problem
+
+    if args.storage and storage_problem(args.storage):  # as tune.storage is checked in the file
+        raise UsageError(f"--storage: {storage_problem(args.storage)}")
     if args.storage and exp.tune is not None:
         exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"storage": args.storage})})
     if args.executor != "ray" and args.ray_address is not None:

@@ -29,7 +29,7 @@ from vaebench.config.schema import (MAX_BYTES, MAX_DEPTH, MAX_NODES, METRIC_PATT
                                     SAMPLERS, SETTING_NAMES, STOCHASTIC_METRICS, ConfigError, EvaluateSettings,
                                     Experiment, KLAnneal, LRSchedule, Prior, Reference, RunSettings, SearchParam,
                                     TuneSettings, UnreadableFile, _fmt_path, _listing, _number_problems, _show,
-                                    in_matrix, metric_problem)
+                                    in_matrix, metric_problem, storage_problem)
 from vaebench.matrix import MatrixError, apply_setting, expand, matches, same_value, split_axis
 
 # --- loading -----------------------------------------------------------------------------------
@@ -570,9 +570,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
                 problems.add(("tune", f"{what}_options") + ((key,) if key else ()), message)
 
     # Storage and warm-start points.
-    if t.storage is not None and "://" not in t.storage:
-        problems.add(("tune", "storage"), f"{t.storage!r} is not an Optuna storage URL; e.g. "
-                                          "sqlite:///optuna.db or postgresql://user@host/db")
+    if t.storage is not None and storage_problem(t.storage):
+        problems.add(("tune", "storage"), storage_problem(t.storage))
     for i, point in enumerate(t.enqueue):
         for key, value in point.items():
             p = t.space.get(key)

@@ -593,6 +593,22 @@ class Reference(_Strict):
 # The stores `tracking_uri` may name: SQLite (the default), the databases MLflow's SQL store takes
 # (a SQLAlchemy driver may follow a `+`), an MLflow tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# The databases an Optuna RDB storage (SQLAlchemy) takes; a driver may follow a `+`.
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
+
+
+def storage_problem(url: str) -> str | None:
+    """What is wrong with an Optuna storage URL (`tune.storage`, `--storage`), or None."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else None
+    example = "e.g. sqlite:///optuna.db (a file next to the experiments file) or postgresql://user@host/db"
+    if scheme is None:
+        return f"{url!r} is not an Optuna storage URL; {example}"
+    if scheme not in STORAGE_SCHEMES:
+        return f"{url!r}: unsupported scheme {scheme!r}; allowed: {', '.join(STORAGE_SCHEMES)}; {example}"
+    if scheme == "sqlite" and not url.startswith("sqlite:///"):
+        return (f"{url!r}: a SQLite URL has three slashes before a relative path (sqlite:///optuna.db), "
+                "four before an absolute one (sqlite:////data/optuna.db)")
+    return None
 
 
 class Experiment(_Strict):
