@@ -545,6 +545,9 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
             problems.add(where, f"{m} is not defined for the deterministic model "
                                 f"{' and '.join(map(repr, deterministic))} (no ELBO); use e.g. test/recon_bce "
                                 "or restrict the study to vae")
+        elif m == "val/kl" and (plain := sorted(x for x in models if x in FAMILIES and not FAMILIES[x].regularised)):
+            problems.add(where, f"val/kl is always 0 for {' and '.join(map(repr, plain))} (no regulariser); "
+                                "use e.g. val/recon or val/loss")
         elif (why := metric_problem(m, models, exp.evaluate.clustering)) is not None:
             problems.add(where, why)
 
@@ -563,6 +566,11 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
     elif t.pruner not in (None, "none") and t.multi_objective:
         problems.add(("tune", "pruner"), "Optuna does not support pruning for multi-objective studies; "
                                          "remove `pruner` (or set it to none), or optimise one metric")
+    if t.prune_on and t.pruner_name == "none" and (t.pruner is not None or t.multi_objective):
+        why = "pruner: none" if t.pruner == "none" else "several metrics (a multi-objective study is not pruned)"
+        problems.add(("tune", "prune_on"), f"has no effect with {why}; remove it"
+                     + (f", or choose a pruner ({', '.join(p for p in PRUNERS if p != 'none')})"
+                        if t.pruner == "none" else ""))
     for what, name, options, registry in (("sampler", t.sampler, t.sampler_options, SAMPLERS),
                                           ("pruner", t.pruner_name, t.pruner_options, PRUNERS)):
         if options and name in registry:
@@ -636,6 +644,11 @@ def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, prob
                 problems.add(where + (field,), f"{v!r}: {key} takes whole numbers")
     if p.step is not None and p.step <= 0:
         problems.add(where + ("step",), f"{p.step!r}: must be > 0")
+    elif p.step is not None and not _steps_fit(p.low, p.high, p.step):
+        # Optuna would shrink the range to the last step that fits, with a warning every trial
+        fit = p.low + ((p.high - p.low) // p.step) * p.step
+        problems.add(where + ("step",), f"{p.step!r} does not divide high - low ({p.high!r} - {p.low!r}); "
+                                        f"e.g. high: {fit:g}, or a step that divides {p.high - p.low:g}")
     if p.log and p.low <= 0:
         problems.add(where + ("low",), f"{p.low!r}: a log range needs low > 0")
     if p.log and p.step is not None and not (kind == "int" and p.step == 1):
@@ -647,6 +660,12 @@ def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, prob
             return
     for field in ("low", "high"):
         valid(int(getattr(p, field)) if kind == "int" else getattr(p, field), where + (field,))
+
+
+def _steps_fit(low: float, high: float, step: float) -> bool:
+    """Whether high - low is a whole number of steps (to a relative 1e-9: 0.1 steps in floats)."""
+    n = (high - low) / step
+    return abs(n - round(n)) <= 1e-9 * max(1.0, abs(n))
 
 
 def _check_optuna_options(what: str, name: str, options: dict[str, Any]) -> list[tuple[str | None, str]]:

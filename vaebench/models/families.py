@@ -68,6 +68,7 @@ class AutoEncoder(nn.Module):
     stochastic: ClassVar[bool] = False  # has a posterior to sample (and an ELBO)
     denoising: ClassVar[bool] = False  # corrupts its training inputs with Gaussian noise
     generative: ClassVar[bool] = False  # has a prior worth sampling from (figures: samples.png)
+    regularised: ClassVar[bool] = False  # has a regulariser (logged as train/kl, val/kl; else 0)
     Options: ClassVar[type[BaseModel]] = NoOptions  # its `family_options.<name>` block
     priors: ClassVar[tuple[str, ...]] = ("standard",)  # the `prior.kind`s it supports
     num_codes: int | None = None  # the codebook size of discrete families (Posterior.codes index it)
@@ -178,6 +179,7 @@ class VAE(AutoEncoder):
     """
 
     stochastic: ClassVar[bool] = True
+    regularised: ClassVar[bool] = True
     generative: ClassVar[bool] = True
     priors: ClassVar[tuple[str, ...]] = ("standard", "vamp")
 

@@ -55,6 +55,7 @@ class VQVAE(AutoEncoder):
     """Deterministic encoder, quantised code, no prior to sample."""
 
     Options: ClassVar[type[BaseModel]] = VQVAEOptions
+    regularised: ClassVar[bool] = True  # its val/kl and train/kl hold the regulariser
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, **kwargs) -> None:
         super().__init__(encoder, decoder, **kwargs)

@@ -39,6 +39,7 @@ class WAE(AutoEncoder):
     """Deterministic encoder, N(0, I) prior matched by MMD."""
 
     Options: ClassVar[type[BaseModel]] = WAEOptions
+    regularised: ClassVar[bool] = True  # its val/kl and train/kl hold the regulariser
     generative: ClassVar[bool] = True
 
     def eps_shape(self, batch: int) -> tuple[int, ...] | None:
