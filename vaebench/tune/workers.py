@@ -140,9 +140,17 @@ def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int
 def _interrupt(signum: int, frame: Any) -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The second signal is taken and dropped by a handler of our own, not SIG_IGN: a signal that
+    # already arrived (Ctrl-C reaches the whole group, then the main process sends SIGTERM) and is
+    # only run now would find SIG_IGN and print "OSError: Signal 15 ignored due to race condition"
+    # with a traceback.
+    signal.signal(signal.SIGTERM, _ignore)
+    signal.signal(signal.SIGINT, _ignore)
     raise KeyboardInterrupt
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
 
 
 def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs: int,
