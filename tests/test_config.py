@@ -93,6 +93,13 @@ def test_overlapping_dotted_axis(write_yaml) -> None:
     assert "duplicate axis" in text and "kl_anneal.epochs" in text
 
 
+def test_a_dotted_axis_with_an_unknown_key_names_the_keys_it_has(write_yaml) -> None:
+    text = errors_of(write_yaml("name: x\nmatrix:\n  model: [vae]\n  kl_anneal.epoch: [1, 2]\n"))
+    assert ":4: matrix.kl_anneal.epoch: 'kl_anneal.epoch' is not a setting path: kl_anneal has no key 'epoch'; " \
+           "allowed: schedule, epochs, cycles, ratio" in text
+    assert "Extra inputs" not in text and text.count("epoch'") == 2  # once for the axis, not per value
+
+
 def test_unknown_axis(write_yaml) -> None:
     text = errors_of(write_yaml("name: x\nmatrix:\n  learning_rate: [0.1]\n"))
     assert "matrix.learning_rate: unknown setting 'learning_rate'" in text and "lr" in text

@@ -519,6 +519,13 @@ BAD_TUNE = [
                  "tune.space.beta.step: 0.4 does not divide high - low (2 - 0.5); e.g. high: 1.7", id="step-not-dividing"),
     pytest.param(GOOD_TUNE.replace("model: vae", "model: ae").replace("test/elbo", "val/kl").replace("maximize", "minimize"),
                  "tune.metric: val/kl is always 0 for 'ae' (no regulariser); use e.g. val/recon", id="val-kl-of-ae"),
+    pytest.param(GOOD_TUNE + "  kl_anneal.epoch: {low: 0, high: 2}",
+                 "tune.space.kl_anneal.epoch: 'kl_anneal.epoch' is not a setting path: kl_anneal has no key 'epoch'; "
+                 "allowed: schedule, epochs, cycles, ratio", id="unknown-dotted-key"),
+    pytest.param(_space("lr: {low: a, high: 0.1}"), ":19: tune.space.lr.low: 'a': Input should be a number",
+                 id="text-for-a-number"),
+    pytest.param(GOOD_TUNE + "enqueue:\n  - {lr: fast}",
+                 "tune.enqueue[0].lr: 'fast' is not a number; the range is [0.0001, 0.01]", id="enqueue-text"),
     pytest.param(GOOD_TUNE + "pruner: none\nprune_on: val/loss",
                  "tune.prune_on: has no effect with pruner: none; remove it, or choose a pruner (median, hyperband)",
                  id="prune-on-without-pruner"),

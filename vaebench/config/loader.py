@@ -160,11 +160,18 @@ class _Problems:
         self.items.append(f"{where}{_fmt_path(path)}: {message}")
 
     def add_validation(self, prefix: tuple, err: ValidationError, data: Any = None) -> None:
+        numbers: set[tuple] = set()  # where an `int | float` union failed as both: said once
         for e in err.errors():
             loc = tuple(x for x in e["loc"] if x not in ("function-after", "literal", "int", "float", "str"))
             # pydantic prefixes union members ("float", "literal[...]"): keep the YAML-shaped path
             loc = tuple(x for x in loc if not (isinstance(x, str) and x.startswith(("literal[", "constrained-"))))
             msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] in ("int_parsing", "float_parsing", "int_type", "float_type") and e["loc"][-1:] in (
+                    ("int",), ("float",)):
+                if loc in numbers:
+                    continue
+                numbers.add(loc)
+                msg = "Input should be a number"
             if e["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # `3: x` where a name belongs
                 parent, key = (loc[:-1], loc[-1]) if e["type"] == "invalid_key" else (loc[:-2], loc[-2])
                 allowed = _allowed_keys(prefix + parent)
@@ -314,6 +321,17 @@ def _parse(path: Path, text: str) -> tuple[yaml.Node | None, Any]:
 _EMPTY_PART = "{!r} is not a setting path: a dotted path has a name between every two dots, e.g. kl_anneal.epochs"
 
 
+def _path_message(key: str, err: Any) -> str | None:
+    """A dotted setting path that names a key its setting does not have (`kl_anneal.epoch`): what
+    to say instead of pydantic's "Extra inputs are not permitted"; None for any other error."""
+    if err["type"] != "extra_forbidden" or "." not in key:
+        return None
+    parent, name = tuple(str(x) for x in err["loc"][:-1]), err["loc"][-1]
+    allowed = _allowed_keys(("defaults", *parent))
+    return (f"{key!r} is not a setting path: {'.'.join(parent) or 'a run'} has no key {name!r}"
+            + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+
+
 def _canonical(value: Any) -> Any:
     """What makes two values of an axis the same cell: 4 and 4.0 are, true and 1 are not."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -362,6 +380,10 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
             try:
                 RunSettings.model_validate(apply_setting(exp.defaults, axis, value))
             except ValidationError as e:
+                wrong_path = next(filter(None, (_path_message(axis, err) for err in e.errors())), None)
+                if wrong_path:  # the axis's name, not this value: said once
+                    problems.add(("matrix", axis), wrong_path)
+                    break
                 for err in e.errors():
                     if combined and not err["loc"]:
                         continue
@@ -590,7 +612,10 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
                     problems.add(("tune", "enqueue", i, key),
                                  f"{_show(value)} is not one of the choices {_show(p.choices)}")
             elif p.low is not None and p.high is not None and (
-                    isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high):
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                problems.add(("tune", "enqueue", i, key), f"{_show(value)} is not a number; the range is "
+                                                         f"[{p.low}, {p.high}]")
+            elif p.low is not None and p.high is not None and not p.low <= value <= p.high:
                 problems.add(("tune", "enqueue", i, key), f"{_show(value)} is outside [{p.low}, {p.high}]")
             elif kinds.get(key) == "int" and value != int(value):  # Optuna would truncate it, with a warning
                 problems.add(("tune", "enqueue", i, key), f"{_show(value)}: {key} takes whole numbers")
@@ -599,12 +624,19 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
 def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, problems: _Problems) -> None:
 
     where = ("tune", "space", key)
+    said: list[str] = []
 
     def valid(value: Any, at: tuple) -> bool:
         try:
             RunSettings.model_validate(apply_setting(base, key, value))
             return True
         except ValidationError as e:
+            wrong_path = next(filter(None, (_path_message(key, err) for err in e.errors())), None)
+            if wrong_path:  # the key's, not this value's: said once
+                if not said:
+                    problems.add(where, wrong_path)
+                said.append(wrong_path)
+                return False
             msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
             problems.add(at, f"{_show(value)} is not a valid {key}: {msg}")
         except (TypeError, ValueError) as e:
