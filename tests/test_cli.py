@@ -296,6 +296,19 @@ def test_unreachable_tracking_server_is_a_clear_error(tiny_file: Path, capsys: p
     assert f"http://127.0.0.1:{port} does not answer" in err and "Traceback" not in err
 
 
+def test_an_optuna_storage_that_does_not_answer_is_named(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
+    from faultlib import free_port
+
+    path = tiny_file.with_name("tuned.yaml")
+    path.write_text(tiny_file.read_text() + "tune:\n  cell: {model: vae}\n  metric: test/elbo\n  direction: maximize\n"
+                    "  space: {lr: {low: 1.0e-4, high: 0.01}}\n")
+    url = f"postgresql+psycopg://vb:secret@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    assert main(["tune", str(path), "--storage", url]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot open the Optuna storage postgresql+psycopg://vb:***@127.0.0.1:" in err, err
+    assert "check that its database is running" in err and "secret" not in err and "Traceback" not in err
+
+
 def test_evaluate_takes_iw_samples_auto_as_the_file_does(tiny_file: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["evaluate", str(tiny_file), "--iw-samples", "auto", "--no-report"]) == 0  # nothing trained yet
     assert "no finished run to evaluate" in capsys.readouterr().out

@@ -421,6 +421,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from vaebench.config.schema import ConfigError, UnreadableFile
     from vaebench.outputs import OutputPathError
     from vaebench.runner import SelectionError
+    from vaebench.tune.storage import StorageUnavailable
 
     try:
         code = COMMANDS[args.command](args)
@@ -440,7 +441,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (SelectionError, UsageError, OutputPathError) as e:
         _err(f"error: {e}")
         return EXIT_USAGE
-    except ClusterError as e:
+    except (ClusterError, StorageUnavailable) as e:
         _err(f"error: {e}")
         return EXIT_FAILED
     except KeyboardInterrupt:

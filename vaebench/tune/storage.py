@@ -89,15 +89,30 @@ def storage_display(url: str) -> str:
         return url
 
 
+class StorageUnavailable(RuntimeError):
+    """The Optuna storage could not be opened (its server does not answer, its driver is missing)."""
+
+
 def open_storage(url: str, on_stale: Callable | None = None) -> Any:
     """An RDB storage with heartbeats: a trial whose process died (on any machine) is failed by
     the next worker once its heartbeat is stale."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     engine_kwargs = None
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers write to one file
-    return quiet(lambda: optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-        heartbeat_stale_trial_callback=on_stale))
+    try:
+        return quiet(lambda: optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+            heartbeat_stale_trial_callback=on_stale))
+    except ImportError as e:  # postgresql:// names psycopg2, which vaebench[cluster] does not install
+        raise StorageUnavailable(
+            f"cannot open the Optuna storage {storage_display(url)}: its database driver is missing ({e}); "
+            "install it, or name one in the URL (postgresql+psycopg://... with vaebench[cluster])") from None
+    except SQLAlchemyError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageUnavailable(
+            f"cannot open the Optuna storage {storage_display(url)}: {first}; check that its database is "
+            "running and reachable, and the URL (tune.storage, or --storage)") from None
