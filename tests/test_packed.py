@@ -170,6 +170,11 @@ def test_a_member_resumed_after_its_last_epoch_leaves_at_once(digits) -> None:
     done = _checkpoint_at(s, digits, 2, packed=False)
     (result,) = train_packed([s], digits, resumes=[done], progress=False)
     assert result.epochs_run == 3 and len(result.history) == 3
+    # nothing was trained here: no tags of how (the run keeps those of the attempt that trained it),
+    # in either engine; a run that did train an epoch here says how
+    assert result.how == {} and train(s, digits, resume=done, progress=False).how == {}
+    assert train(s, digits, resume=_checkpoint_at(s, digits, 1, packed=False), progress=False).how == \
+        {"vaebench.engine": "plain", "vaebench.step": "eager"}
 
 
 def test_graphs_requested_without_cuda_run_eagerly_and_say_so(digits) -> None:

@@ -403,10 +403,11 @@ def train_packed(members: list[RunSettings], data: Dataset, *, resumes: list[dic
         if on_done is not None:
             on_done(pack.members[position].index, outcome)
 
-    # members resumed from a finished checkpoint (killed during evaluation) leave at once
+    # members resumed from a finished checkpoint (killed during evaluation) leave at once; nothing
+    # was trained here, so their runs keep the tags of the attempt that trained them (no `how`)
     done = [p for p, mb in enumerate(pack.members) if mb.record.done(mb.settings)]
     for p in done:
-        leave(p, _result(pack, p, device, how))
+        leave(p, _result(pack, p, device, {}))
     if done:
         pack.keep([p for p in range(len(pack)) if p not in done])
 

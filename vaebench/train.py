@@ -275,7 +275,9 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     return TrainResult(model=model, history=record.history, best_epoch=record.best_epoch,
                        epochs_run=record.epoch + 1, stopped_early=record.stopped_early,
                        train_seconds=record.train_seconds, device=device,
-                       how={"vaebench.engine": "plain", "vaebench.step": "eager"})
+                       # none when no epoch was trained here (resumed after its last one): the
+                       # run keeps the tags of the attempt that trained it
+                       how={"vaebench.engine": "plain", "vaebench.step": "eager"} if record.epoch >= first else {})
 
 
 @torch.no_grad()

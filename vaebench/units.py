@@ -223,7 +223,8 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
         if isinstance(outcome, Exception):
             evaluator.failed(o.spec, o.run_id, outcome, started, o.note)
             return
-        outcome.how.update(how)
+        if outcome.how:  # trained here (a member resumed after its last epoch was not: no tags)
+            outcome.how.update(how)
         evaluator.submit(o.spec, o.run_id, outcome, data, "resumed" if o.resume else "trained", started, o.note)
 
     members = opened
