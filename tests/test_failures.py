@@ -91,7 +91,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure_and_the_rest_resumes(tmp
     assert cli.main(["run", str(path), "--no-progress", "--no-report", "--fail-fast", "--pack", "off"]) == 1
     out = capsys.readouterr().out
     assert "--fail-fast: a cell failed; stopping the sweep" in out
-    assert "stopped at the first failure (--fail-fast): 2 cells not run" in out
+    assert "stopped at the first failure (--fail-fast): 2 cells not finished (not started, or stopped: KILLED)" in out
     (failed,) = runs_of(uri)
     assert failed.info.status == "FAILED" and failed.data.tags[tracking.TAG_FAILURE] == "diverged"
     assert failed.data.tags["vaebench.diverged_at_epoch"] == "0"

@@ -31,7 +31,7 @@ class SelectionError(ValueError):
 class Summary:
     results: list[CellResult]
     parent_run_id: str | None = None
-    not_run: int = 0  # cells left untouched because --fail-fast stopped the sweep
+    not_run: int = 0  # cells not finished (not started, or stopped) because --fail-fast stopped the sweep
 
     def of(self, *statuses: str) -> list[CellResult]:
         return [r for r in self.results if r.status in statuses]
@@ -54,8 +54,8 @@ class Summary:
                 head += f", {len(self.of('claimed'))} left to other runners"
         out = [head]
         if self.not_run:
-            out.append(f"stopped at the first failure (--fail-fast): {plural(self.not_run, 'cell')} not run; "
-                       "run the same command again to continue")
+            out.append(f"stopped at the first failure (--fail-fast): {plural(self.not_run, 'cell')} not finished "
+                       "(not started, or stopped: KILLED); run the same command again to continue")
         fixes: set[str] = set()
         for r in self.of("failed"):
             out.append(f"  FAILED {r.spec.name} [{r.spec.key}]: {r.error}")
