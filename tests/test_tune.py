@@ -310,10 +310,12 @@ def test_export_reproduces_the_best_trial(write_yaml, tmp_path: Path, capsys: py
     assert path.read_text() == before and not (tmp_path / "optuna.db").exists()
     out = tmp_path / "out" / "best.yaml"
     assert cli.main(["tune", str(path), "--export", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert str(out) in said and "report written to" in said
     folder = tmp_path / "folder"  # a folder: <name>-best.yaml inside it (the study is done: no trial runs)
     folder.mkdir()
-    assert cli.main(["tune", str(path), "--export", str(folder)]) == 0
+    assert cli.main(["tune", str(path), "--export", str(folder), "--no-report"]) == 0
+    assert "report written to" not in capsys.readouterr().out
     assert (folder / "tiny-best.yaml").read_text().split("\n", 2)[2] == out.read_text().split("\n", 2)[2]
 
     exp = load_experiment(path)

@@ -178,7 +178,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
                            export=export, echo=print, on_ray=args.executor == "ray",
                            ray_address=args.ray_address)
-    _write_report(exp, args.file)
+    if not args.no_report:
+        _write_report(exp, args.file)
     return code
 
 
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--jobs", type=_positive_int, default=1, help="worker processes sharing the study")
     tune.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
     tune.add_argument("--export", metavar="PATH", help="write the best settings as an experiments file")
+    tune.add_argument("--no-report", action="store_true", help="do not write the HTML report afterwards")
     tune.add_argument("--storage", metavar="URL",
                       help="the Optuna storage (overrides tune.storage), e.g. postgresql://user@host/optuna")
     _cluster_flags(tune)
