@@ -19,6 +19,7 @@ The model is freshly initialised: evaluation cost does not depend on training.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ ARCHS = {  # architecture -> its options: bench_gpu.py's conv VAE, and deep_conv
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--data-dir", default=os.environ.get("VAEBENCH_DATA_DIR", str(DEFAULT_DATA)))
     p.add_argument("--dataset", default="mnist", help="mnist (needs the files), mnist5k or digits (embedded)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
