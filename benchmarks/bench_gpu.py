@@ -27,9 +27,11 @@ study on both sides, which fits one device call.
 Two what-ifs, each applied to everything the run measures (both sides of the study alike), to try
 a change before making it in vaebench: `--cudnn-benchmark` turns cuDNN's autotuner on
 (`torch.backends.cudnn.benchmark`: the conv layers' algorithms are timed at the first call of each
-shape, before a step is captured), and `--channels-last` evaluates conv models channels-last on
-CUDA too (as if "cuda" were in `vaebench.evaluate.CHANNELS_LAST`; benchmarks/bench_layout.py times
-that on the evaluation alone).
+shape, before a step is captured; on an H100 it changed nothing, benchmarks/README.md), and
+`--switch-interval S` sets how long a thread may hold the GIL (`sys.setswitchinterval`; Python's
+default 0.005 s): the trainer's loop shares its process with the thread that writes to MLflow, and
+a packed MLP step leaves the host little slack. The study's timeline prints, per unit, an epoch by
+the clock beside the training loop's own `train/epoch_seconds`, to see what that costs.
 """
 
 from __future__ import annotations
@@ -262,6 +264,10 @@ def timeline(client, runs: list, parent_id: str) -> list[str]:
     for unit in sorted(units.values(), key=lambda rs: min(r.info.start_time for r in rs)):
         stamps = [m.timestamp for r in unit for m in client.get_metric_history(r.info.run_id, "train/loss")]
         m = [r.data.metrics for r in unit]
+        # the CPU part of each cell's evaluation ends by logging the final metrics (test/elbo's
+        # timestamp) and took eval/cpu_seconds: when it started and ended, queueing included
+        ends = [h[-1].timestamp for r in unit if (h := client.get_metric_history(r.info.run_id, "test/elbo"))]
+        starts = [end - 1000 * x.get("eval/cpu_seconds", 0.0) for end, x in zip(ends, m)]
         name = unit[0].info.run_name.rsplit("-b", 1)[0]
         out.append(
             f"  unit {name} ({len(unit)} cells): opened +{(min(r.info.start_time for r in unit) - t0) / 1000:.1f}, "
@@ -269,21 +275,27 @@ def timeline(client, runs: list, parent_id: str) -> list[str]:
             f"finished +{(max(r.info.end_time for r in unit) - t0) / 1000:.1f}; evaluation per cell: device "
             f"{statistics.mean(x.get('eval/device_seconds', float('nan')) for x in m):.2f} s, "
             f"CPU {statistics.mean(x.get('eval/cpu_seconds', float('nan')) for x in m):.2f} s")
+        epoch_s = [h.value for r in unit for h in client.get_metric_history(r.info.run_id, "train/epoch_seconds")]
+        if len(stamps) > len(unit) and epoch_s:  # by the clock (first epoch and capture left out) vs in the loop
+            per = (max(stamps) - min(stamps)) / 1000 / (len(stamps) // len(unit) - 1)
+            out.append(f"    an epoch: {per:.2f} s by the clock, {statistics.median(epoch_s):.2f} s in the training "
+                       f"loop (train/epoch_seconds, median)")
+        if ends:
+            out.append(f"    CPU parts started +{(min(starts) - t0) / 1000:.1f}..+{(max(starts) - t0) / 1000:.1f}, "
+                       f"ended +{(min(ends) - t0) / 1000:.1f}..+{(max(ends) - t0) / 1000:.1f}")
     return out
 
 
 def apply_what_ifs(args: argparse.Namespace) -> list[str]:
     """Switch on the what-ifs asked for, in this process (training and the device part of the
     evaluation run here; the evaluation workers only score codes on the CPU); returns their names."""
-    import vaebench.evaluate
-
     on = []
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
         on.append("cudnn.benchmark")
-    if args.channels_last:
-        vaebench.evaluate.CHANNELS_LAST = (*vaebench.evaluate.CHANNELS_LAST, "cuda")
-        on.append("evaluation channels-last on CUDA")
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+        on.append(f"switch interval {args.switch_interval:g} s")
     return on
 
 
@@ -303,8 +315,9 @@ def main() -> None:
                    help="run only these cells of the matrix on both sides, as `vaebench run --only`")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="what-if: cuDNN's autotuner on for everything measured (both sides of the study)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="what-if: evaluate conv models channels-last on CUDA too (both sides of the study)")
+    p.add_argument("--switch-interval", type=float, metavar="SECONDS",
+                   help="what-if: sys.setswitchinterval (how long a thread may hold the GIL; Python's 0.005) "
+                        "in the trainer's process, where the tracking thread logs beside the training loop")
     args = p.parse_args()
     device_of(p, args)  # --device cuda without CUDA: one argparse error
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"

@@ -9,11 +9,11 @@
 # $OUT) and its last lines to the console, so one slow or failing step does not cost the others.
 #   tests    the CUDA-only tests (the captured step, the memory estimate, channels-last evaluation)
 #   layout   the evaluation channels-first vs channels-last, each with and without cuDNN's autotuner:
-#            whether "cuda" joins vaebench.evaluate.CHANNELS_LAST
+#            (H100, 2026-11-23: deep_conv x2.31 channels-last, so "cuda" is in evaluate.CHANNELS_LAST)
 #   step     kernels and ms per packed step, per-parameter vs flat update, conv with the autotuner
 #   loops    the loops table (targets: captured MLP >= 150k img/s, packed >= 500k MLP, 250k conv)
-# The 32-cell study and the twins are one call each after this (benchmarks/README.md), with
-# bench_gpu.py's --cudnn-benchmark / --channels-last where `layout` and `step` say they pay.
+# The 32-cell study and the twins are one call each after this (benchmarks/README.md); the
+# bench_gpu.py what-ifs (--cudnn-benchmark, --switch-interval) try a change on both sides first.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-checks}

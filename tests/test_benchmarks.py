@@ -95,12 +95,12 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--part", "matrix",
                           "--matrix-dataset", "digits", "--matrix-epochs", "2", "--iw-samples", "4",
                           "--data-dir", str(tmp_path), "--only", "arch=mlp", "--only", "latent_dim=2",
-                          "--only", "beta=1", "--only", "beta=4", "--cudnn-benchmark", "--channels-last"],
+                          "--only", "beta=1", "--only", "beta=4", "--cudnn-benchmark", "--switch-interval", "0.001"],
                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "(4 cells: --only arch=mlp latent_dim=2 beta=1 beta=4)" in out.stdout
     # the what-ifs (no-ops on the CPU) are named with the device, so no figure is read without them
-    assert out.stdout.startswith("device: CPU (cudnn.benchmark, evaluation channels-last on CUDA); torch")
+    assert out.stdout.startswith("device: CPU (cudnn.benchmark, switch interval 0.001 s); torch")
     assert out.stdout.splitlines()[0].endswith("; float32 math: fp32")
     cells = re.findall(r"^  (vae-mlp-z2-b\d-\w+-digits-s0): (-[\d.]+) vs (-[\d.]+) \(best epoch (\d) vs (\d)\)$",
                        out.stdout, re.M)
@@ -110,6 +110,11 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
                         out.stdout)
     assert summary and float(summary.group(1)) == pytest.approx(max(gaps), abs=0.01)
     assert int(summary.group(3)) == sum(1 for *_, e1, e2 in cells if e1 == e2)
+    # the packed side's timeline (one cell a unit on the CPU): where each unit's time went
+    epochs = re.findall(r"^    an epoch: ([\d.]+) s by the clock, ([\d.]+) s in the training loop", out.stdout, re.M)
+    assert len(epochs) == 4 and all(float(loop) > 0 for _, loop in epochs)
+    parts = re.findall(r"^    CPU parts started \+([\d.]+)\.\.\+[\d.]+, ended \+([\d.]+)\.\.", out.stdout, re.M)
+    assert len(parts) == 4 and all(float(start) <= float(end) for start, end in parts)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
