@@ -66,6 +66,20 @@ def test_sweep_logs_params_tags_metrics_and_artifacts(tiny_file: Path) -> None:
     assert {"config", "model", "checkpoints"} <= artifacts
 
 
+def test_epoch_metrics_carry_the_time_the_epoch_ended_not_the_time_they_were_written(tmp_path: Path) -> None:
+    """The trainer hands each epoch's metrics to a background thread; their MLflow timestamp is the
+    one the trainer gives, so the UI's time axis is training time even when the writes lag."""
+    tracker = tracking.connect(f"sqlite:///{tmp_path}/mlruns.db", "stamps")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    background = tracking.Background()
+    ended = int(time.time() * 1000)
+    background.submit(time.sleep, 0.3)  # a write queue that lags
+    background.submit(tracking.log_metrics, tracker, run_id, {"train/loss": 1.5}, 3, ended)
+    background.close()
+    (metric,) = tracker.client.get_metric_history(run_id, "train/loss")
+    assert (metric.step, metric.value, metric.timestamp) == (3, 1.5, ended)
+
+
 def test_rerun_skips_finished_and_force_retrains(tiny_file: Path) -> None:
     exp = load_experiment(tiny_file)
     run_experiment(exp, progress=False, echo=lambda s: None)

@@ -207,7 +207,8 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
             background.submit(tracking.log_torch, tracker, o.run_id, tracking.CHECKPOINT_PATH, o.checkpoint,
                               coalesce=(o.run_id, tracking.CHECKPOINT_PATH))
         if epoch not in o.logged:
-            background.submit(tracking.log_metrics, tracker, o.run_id, metrics, epoch)
+            # stamped with the epoch's end, not the write's: the UI's time axis is training time
+            background.submit(tracking.log_metrics, tracker, o.run_id, metrics, epoch, int(time.time() * 1000))
             o.logged.add(epoch)
 
     def on_done(i: int, outcome: Any) -> None:
