@@ -674,6 +674,37 @@ def test_a_one_epoch_trial_is_never_pruned(write_yaml) -> None:
     assert study.trials[2].intermediate_values[0] < min(t.intermediate_values[0] for t in study.trials[:2])
 
 
+def test_a_stop_asked_for_ends_the_trial_at_a_batch_and_keeps_a_trial_being_evaluated(write_yaml,
+                                                                                      tmp_path: Path) -> None:
+    """What a signal does to `vaebench tune` in one process (cli.graceful_interrupt sets the flag):
+    the stop is taken at the next batch, or after the trial being evaluated, never inside a write
+    to a store. Asked for during training: that trial FAILs and its run ends KILLED; asked for
+    once a trial is complete: no other trial starts."""
+    path = experiment_file(write_yaml, LR_SPACE + "n_trials: 3\n", epochs=2)
+    polls = []
+
+    def during_training() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # the objective's first poll, then two batches
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_experiment(load_experiment(path), echo=quiet(), should_stop=during_training)
+    assert trial_states(tmp_path / "optuna.db") == ["FAIL"]
+    trials = runs_of(path)
+    trials = trials[trials["tags.vaebench.kind"] == "trial"]
+    assert list(trials["status"]) == ["KILLED"] and list(trials["tags.vaebench.error"]) == ["interrupted"]
+
+    def after_a_complete_trial() -> bool:  # as if the signal came while trial 1 was evaluated
+        return "COMPLETE" in trial_states(tmp_path / "optuna.db")
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_experiment(load_experiment(path), echo=quiet(), should_stop=after_a_complete_trial)
+    assert trial_states(tmp_path / "optuna.db") == ["FAIL", "COMPLETE"]  # and no third trial begun
+    # the study goes on where it stopped
+    assert tune_experiment(load_experiment(path), echo=quiet()) == 0
+    assert trial_states(tmp_path / "optuna.db") == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+
+
 def test_a_heartbeat_thread_that_an_interrupt_left_beating_is_stopped(tmp_path: Path) -> None:
     import optuna
     from optuna.storages._heartbeat import HeartbeatThread

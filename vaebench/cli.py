@@ -4,8 +4,9 @@ Exit codes: 0 ok, 1 some cell failed (or an unexpected error), 2 bad input (expe
 flags), 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (rerun to resume), 141 the output's
 reader went away (`| head`; as a Unix tool killed by SIGPIPE, and a sweep resumes from there).
 
-SIGTERM (a scheduler's stop, `kill`, `timeout`) is taken as Ctrl-C is: `run` stops at the end of
-the current batch, every other command stops as if interrupted.
+SIGTERM (a scheduler's stop, `kill`, `timeout`) is taken as Ctrl-C is: `run` and `tune` stop at the
+end of the current batch (`tune` with --jobs: each worker does), every other command stops as if
+interrupted.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _only(args: argparse.Namespace) -> dict[str, list[Any]]:
 
 
 @contextlib.contextmanager
-def graceful_interrupt() -> Iterator[Callable[[], bool]]:
+def graceful_interrupt(at: str = "the end of the current batch") -> Iterator[Callable[[], bool]]:
     """The first Ctrl-C asks the sweep to stop at the next batch boundary (checkpoints stay
     consistent, the run is marked KILLED and resumes later); a second one interrupts at once."""
     stop = threading.Event()
@@ -76,7 +77,7 @@ def graceful_interrupt() -> Iterator[Callable[[], bool]]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        _err(f"\nstopping at the end of the current batch ({STOP_SIGNALS[signum]} again to stop at once)")
+        _err(f"\nstopping at {at} ({STOP_SIGNALS[signum]} again to stop at once)")
 
     try:
         previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
@@ -175,9 +176,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # checked before the study: a path that cannot be written is better said now than after it
     export = (output_path(args.export, f"{filename_safe(exp.name)}-best.yaml", "--export", keep=study_files(exp))
               if args.export else None)
-    code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
-                           export=export, echo=print, on_ray=args.executor == "ray",
-                           ray_address=args.ray_address)
+    # one process stops where it is safe to (a KeyboardInterrupt inside a SQLite write can leave the
+    # database locked); with --jobs the workers do, and this process waits for them
+    alone = args.jobs == 1 and args.executor != "ray"
+    with (graceful_interrupt("the end of the current batch, or of the trial being evaluated") if alone
+          else contextlib.nullcontext(None)) as should_stop:
+        code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
+                               export=export, echo=print, on_ray=args.executor == "ray",
+                               ray_address=args.ray_address, should_stop=should_stop)
     if not args.no_report:
         _write_report(exp, args.file)
     return code

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from vaebench.config import ConfigError, Experiment
 from vaebench.tune.export import export_best
@@ -21,10 +21,13 @@ TAG_BEST = "vaebench.best"
 
 def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int = 1,
                     timeout: float | None = None, export: str | os.PathLike | None = None,
-                    echo: Printer = print, ray_address: str | None = None, on_ray: bool = False) -> int:
+                    echo: Printer = print, ray_address: str | None = None, on_ray: bool = False,
+                    should_stop: Callable[[], bool] | None = None) -> int:
     """Run (or resume) the study of `exp.tune`; return the exit code (0 ok; 1 no trial of this
     invocation finished, a worker crashed, or nothing to export). `n_jobs` workers share the
-    study: local processes, or with `on_ray` tasks on the Ray cluster at `ray_address`."""
+    study: local processes, or with `on_ray` tasks on the Ray cluster at `ray_address`. In one
+    process `should_stop` ends it at the next batch or after the trial being evaluated
+    (workers.optimize); worker processes stop on their own signals."""
     import optuna
     from optuna.trial import TrialState
 
@@ -66,7 +69,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
                 elif n_jobs > 1:
                     codes = run_workers(plan, remaining, plan.timeout, n_jobs, echo)
                 else:
-                    optimize(plan, remaining, plan.timeout, echo=echo)
+                    optimize(plan, remaining, plan.timeout, echo=echo, should_stop=should_stop)
         except KeyboardInterrupt:
             status = "KILLED"
             raise

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from vaebench.tune.plan import Plan, decoded_params, trial_settings
 from vaebench.tune.space import dimensions, fmt
@@ -45,8 +45,10 @@ def changed_since(plan: Plan, trial: Any) -> str | None:
 class Objective:
     """The function Optuna calls: one trial = one MLflow run."""
 
-    def __init__(self, plan: Plan, tracker: Any, worker: int):
-        self.plan, self.tracker, self.worker = plan, tracker, worker
+    def __init__(self, plan: Plan, tracker: Any, worker: int, should_stop: Callable[[], bool] | None = None):
+        """`should_stop`: polled before every batch (see `optimize`): a stop asked for by a signal
+        raises KeyboardInterrupt there, never inside a write to a store."""
+        self.plan, self.tracker, self.worker, self.should_stop = plan, tracker, worker, should_stop
         self.dims = dimensions(plan.exp)
 
     def __call__(self, trial: Any) -> float | list[float]:
@@ -56,6 +58,8 @@ class Objective:
         from vaebench.matrix import RunSpec, run_key, run_name
 
         plan, tracker = self.plan, self.tracker
+        if self.should_stop is not None and self.should_stop():  # asked for while Optuna opened the trial
+            raise KeyboardInterrupt("stop requested")
         # First of all, who runs it: if this process dies, the next `vaebench tune` on this
         # machine sees the pid is gone and fails the trial (see fail_orphans).
         trial.set_user_attr(ATTR_WORKER, worker_id())
@@ -134,7 +138,7 @@ class Objective:
                 tracking.set_tags(tracker, run_id, {"vaebench.pruned_at_epoch": epoch})
                 raise optuna.TrialPruned(f"at epoch {epoch}: {plan.prune_on} = {value:.5g}")
 
-        result = train_one(s, data, on_epoch_end=on_epoch_end, progress=False)
+        result = train_one(s, data, on_epoch_end=on_epoch_end, progress=False, should_stop=self.should_stop)
         final = log_trained(plan.exp, s, data, result, tracker, run_id)  # model, evaluation, test/*
         # val/* objectives: the epoch whose weights were kept (train restores the best val/loss).
         kept = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) \

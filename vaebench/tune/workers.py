@@ -19,8 +19,13 @@ WORKER_GRACE = 15.0  # seconds the workers have, after a stop, to record their t
 
 
 def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker: int = 0,
-             echo: Printer = print) -> None:
-    """Run up to `n_trials` trials (or until `timeout`) of the study in this process."""
+             echo: Printer = print, should_stop: Callable[[], bool] | None = None) -> None:
+    """Run up to `n_trials` trials (or until `timeout`) of the study in this process.
+
+    `should_stop` is how a signal stops it: polled before every batch and after every trial, it
+    raises KeyboardInterrupt at those points. A KeyboardInterrupt raised by the signal handler
+    itself can land inside a write to SQLite and leave that connection holding the database's lock:
+    recording the trial then waited out the 60 s busy timeout (about 1 SIGTERM in 10)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -29,14 +34,21 @@ def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker:
     tracker = tracking.connect(plan.tracking_uri, plan.exp.name)
     study = open_study(plan, worker=worker, on_stale=StaleRunCloser(plan.tracking_uri, plan.exp.name))
     callbacks = [lambda study, t: echo(trial_line(plan, t))]
+    if should_stop is not None:  # a stop asked for during a trial's evaluation: that trial is kept
+        callbacks.append(lambda study, t: _raise_if(should_stop))
     if plan.n_trials is not None:  # the study's total, whoever runs the trials (other machines too)
         callbacks.append(MaxTrialsCallback(plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     try:
-        quiet(lambda: study.optimize(Objective(plan, tracker, worker), n_trials=n_trials, timeout=timeout,
+        quiet(lambda: study.optimize(Objective(plan, tracker, worker, should_stop), n_trials=n_trials, timeout=timeout,
                                      catch=(Exception,), callbacks=callbacks, gc_after_trial=True))
     except KeyboardInterrupt:
         stop_stray_heartbeats()
         raise
+
+
+def _raise_if(should_stop: Callable[[], bool]) -> None:
+    if should_stop():
+        raise KeyboardInterrupt("stop requested")
 
 
 def stop_stray_heartbeats() -> int:
@@ -121,32 +133,33 @@ def _worker(plan: Plan, n_trials: int | None, timeout: float | None, worker: int
     """Entry point of a spawned worker process."""
     import signal
     import sys
+    import threading
 
     import optuna
     import torch
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # SIGTERM (to the group, or from the main process) as Ctrl-C: the trial is recorded. The first
-    # of the two is taken; a second must not break off the recording of the trial.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    # SIGTERM (to the group, or from the main process) as Ctrl-C: the trial stops at its next batch
+    # and is recorded. The first of the two is taken; a second must not break off the recording.
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # The second signal is taken and dropped by a handler of our own, not SIG_IGN: a signal that
+        # already arrived (Ctrl-C reaches the whole group, then the main process sends SIGTERM) and
+        # is only run now would find SIG_IGN and print "OSError: Signal 15 ignored due to race
+        # condition" with a traceback.
+        signal.signal(signal.SIGTERM, _ignore)
+        signal.signal(signal.SIGINT, _ignore)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
-        optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: queue.put(f"[worker {worker}] {line}"))
+        optimize(plan, n_trials, timeout, worker=worker, echo=lambda line: queue.put(f"[worker {worker}] {line}"),
+                 should_stop=stop.is_set)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    import signal
-
-    # The second signal is taken and dropped by a handler of our own, not SIG_IGN: a signal that
-    # already arrived (Ctrl-C reaches the whole group, then the main process sends SIGTERM) and is
-    # only run now would find SIG_IGN and print "OSError: Signal 15 ignored due to race condition"
-    # with a traceback.
-    signal.signal(signal.SIGTERM, _ignore)
-    signal.signal(signal.SIGINT, _ignore)
-    raise KeyboardInterrupt
 
 
 def _ignore(signum: int, frame: Any) -> None:
