@@ -159,16 +159,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from vaebench.config.schema import storage_problem
     from vaebench.outputs import output_path
     from vaebench.report.vocabulary import filename_safe
     from vaebench.tune import tune_experiment
     from vaebench.tune.storage import study_files
 
     exp = _load(args)
-    from vaebench.config.schema import storage_problem
-
-    if args.storage and storage_problem(args.storage):  # as tune.storage is checked in the file
-        raise UsageError(f"--storage: {storage_problem(args.storage)}")
+    if args.storage and (bad := storage_problem(args.storage)):  # as tune.storage is checked in the file
+        raise UsageError(f"--storage: {bad}")
     if args.storage and exp.tune is not None:
         exp = exp.model_copy(update={"tune": exp.tune.model_copy(update={"storage": args.storage})})
     if args.executor != "ray" and args.ray_address is not None:

@@ -459,7 +459,7 @@ class PoolEvaluator(Evaluator):
         self._waiting = still
 
     def _collect(self, block: bool) -> None:
-        from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, CancelledError, wait
+        from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, wait
 
         self._dispatch()
         pending = list(self._running) + [f for f in self._baselines.values() if not f.done()]
@@ -480,8 +480,6 @@ class PoolEvaluator(Evaluator):
                     self._waiting.append(item)
                 else:
                     self.failed(spec, job.run_id, e, started, note)
-                continue
-            except CancelledError:
                 continue
             except Exception as e:  # noqa: BLE001
                 self.failed(spec, job.run_id, e, started, note)

@@ -183,14 +183,13 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         else:
             todo.append(_cell(spec, decision.run_id if decision.action == "resume" else None, force_since,
                               retry_failed))
-    if ray is None:
-        _check_devices(exp, todo)
     if ray is not None:  # the cluster's devices decide, not this machine's
         from vaebench import cluster
 
         device_type = "cuda" if todo and cluster.gpus(cluster.connect(ray.address)) else "cpu"
         gpus, workers = 0, 0  # each task evaluates its own cells
     else:
+        _check_devices(exp, todo)
         device = resolve_device(todo[0].spec.settings.device) if todo else None
         device_type = device.type if device else "cpu"
         gpus = _gpu_count() if device_type == "cuda" else 0

@@ -600,8 +600,8 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
                 problems.add(("tune", f"{what}_options") + ((key,) if key else ()), message)
 
     # Storage and warm-start points.
-    if t.storage is not None and storage_problem(t.storage):
-        problems.add(("tune", "storage"), storage_problem(t.storage))
+    if t.storage is not None and (bad := storage_problem(t.storage)):
+        problems.add(("tune", "storage"), bad)
     for i, point in enumerate(t.enqueue):
         for key, value in point.items():
             p = t.space.get(key)
@@ -624,18 +624,19 @@ def check_tune(exp: Experiment, problems: _Problems) -> None:
 def _check_param(base: dict[str, Any], key: str, p: SearchParam, kind: str, problems: _Problems) -> None:
 
     where = ("tune", "space", key)
-    said: list[str] = []
+    said = False  # the key itself is wrong (a dotted path to nothing): said once, not per value
 
     def valid(value: Any, at: tuple) -> bool:
         try:
             RunSettings.model_validate(apply_setting(base, key, value))
             return True
         except ValidationError as e:
+            nonlocal said
             wrong_path = next(filter(None, (_path_message(key, err) for err in e.errors())), None)
-            if wrong_path:  # the key's, not this value's: said once
+            if wrong_path:
                 if not said:
                     problems.add(where, wrong_path)
-                said.append(wrong_path)
+                said = True
                 return False
             msg = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
             problems.add(at, f"{_show(value)} is not a valid {key}: {msg}")

@@ -597,18 +597,30 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
 
 
+def _url_scheme(url: str) -> str | None:
+    """The database or protocol of a store URL, without its SQLAlchemy driver (`postgresql+psycopg`
+    -> postgresql); None for a plain path."""
+    return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else None
+
+
+def _sqlite_slashes(url: str, word: str, file: str) -> str | None:
+    """The message for a SQLite URL with too few slashes (`sqlite://x.db`), or None."""
+    if _url_scheme(url) == "sqlite" and not url.startswith("sqlite:///"):
+        return (f"a SQLite {word} has three slashes before a relative path (sqlite:///{file}), "
+                f"four before an absolute one (sqlite:////data/{file})")
+    return None
+
+
 def storage_problem(url: str) -> str | None:
     """What is wrong with an Optuna storage URL (`tune.storage`, `--storage`), or None."""
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else None
+    scheme = _url_scheme(url)
     example = "e.g. sqlite:///optuna.db (a file next to the experiments file) or postgresql://user@host/db"
     if scheme is None:
         return f"{url!r} is not an Optuna storage URL; {example}"
     if scheme not in STORAGE_SCHEMES:
         return f"{url!r}: unsupported scheme {scheme!r}; allowed: {', '.join(STORAGE_SCHEMES)}; {example}"
-    if scheme == "sqlite" and not url.startswith("sqlite:///"):
-        return (f"{url!r}: a SQLite URL has three slashes before a relative path (sqlite:///optuna.db), "
-                "four before an absolute one (sqlite:////data/optuna.db)")
-    return None
+    slashes = _sqlite_slashes(url, "URL", "optuna.db")
+    return f"{url!r}: {slashes}" if slashes else None
 
 
 class Experiment(_Strict):
@@ -632,7 +644,7 @@ class Experiment(_Strict):
     def _tracking_uri(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else None
+        scheme = _url_scheme(v)
         example = ("e.g. sqlite:///mlruns.db (a file next to the experiments file) or http://host:5000 "
                    "(an MLflow server)")
         if scheme is None:
@@ -640,9 +652,9 @@ class Experiment(_Strict):
                              "retired in MLflow 3")
         if scheme not in TRACKING_SCHEMES:
             raise ValueError(f"unsupported scheme {scheme!r}; allowed: {', '.join(TRACKING_SCHEMES)}; {example}")
-        if scheme == "sqlite" and not v.startswith("sqlite:///"):
-            raise ValueError("a SQLite URI has three slashes before a relative path (sqlite:///mlruns.db), "
-                             "four before an absolute one (sqlite:////data/mlruns.db)")
+        slashes = _sqlite_slashes(v, "URI", "mlruns.db")
+        if slashes:
+            raise ValueError(slashes)
         return v
 
     @field_validator("seeds")
