@@ -193,7 +193,8 @@ def run_experiment(exp: Experiment, *, only: dict[str, list[Any]] | None = None,
         device = resolve_device(todo[0].spec.settings.device) if todo else None
         device_type = device.type if device else "cpu"
         gpus = _gpu_count() if device_type == "cuda" else 0
-        workers = _eval_workers(eval_workers, device_type, jobs)
+        # no more workers than cells to evaluate: each starts at once (results.PoolEvaluator)
+        workers = min(_eval_workers(eval_workers, device_type, jobs), len(todo))
     units = _units(todo, pack, device_type)
     packed = sum(len(u) for u in units if len(u) > 1)
     _end_dead_sweeps(tracker)

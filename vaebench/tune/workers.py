@@ -25,7 +25,8 @@ def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker:
     `should_stop` is how a signal stops it: polled before every batch and after every trial, it
     raises KeyboardInterrupt at those points. A KeyboardInterrupt raised by the signal handler
     itself can land inside a write to SQLite and leave that connection holding the database's lock:
-    recording the trial then waited out the 60 s busy timeout (about 1 SIGTERM in 10)."""
+    recording the trial then waited on that lock for good (about 1 SIGTERM in 10; caught with gdb in
+    SQLite's busy handler)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
