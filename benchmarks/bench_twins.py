@@ -6,18 +6,24 @@ On the CPU vaebench's packed path equals the plain loop to float precision (test
 what the GPU comparison in bench_gpu.py measures is how much training amplifies last-bit
 differences. This script measures that amplification directly, with no packing at all:
 
-  1. train the cell for one epoch with the plain loop and keep its checkpoint;
+  1. train the cell for one epoch with the plain loop and keep its checkpoint (`--from init`: the
+     checkpoint of no epoch at all, the initial weights, optimiser and random streams);
   2. resume it unchanged for the remaining epochs (the reference twin: on the CPU the same run,
      bit for bit, as training straight through);
   3. resume it again after multiplying every parameter by (1 + u * 2^-23), u uniform in [-1, 1]
      (about one unit in the last place of fp32), once per perturbation seed;
   4. evaluate every twin with the same protocol and seed, and print |test/elbo - reference|;
-  5. resume it once more packed beside a sibling cell (K=2: the batched kernels of a pack) and
-     say whether its parameters come out bit-identical to the plain loop's.
+  5. resume it once more packed beside `--pack-size` - 1 siblings (other seeds; the batched kernels
+     of a pack) and say whether its parameters come out bit-identical to the plain loop's.
+
+The first epoch is where a high-beta model settles which latent dimensions stay active, so twins
+that branch there (`--from init`) can end further apart than twins that branch after it.
 
     python benchmarks/bench_twins.py                          # the 32-cell study's two worst cells
     python benchmarks/bench_twins.py --latent 16 --beta 4 --twins 5
     python benchmarks/bench_twins.py --device cuda --iw-samples 1000 --test-samples 10000   # as bench_gpu.py
+    python benchmarks/bench_twins.py --device cuda --iw-samples 1000 --test-samples 10000 --latent 16 --beta 4 \
+        --from init --pack-size 8     # as a pack of the study trains its members: from the first step, K=8
 
 The spread is the floor under any "packed within N nats of unpacked" check: an engine that does
 not reproduce the plain loop bit for bit cannot be held closer than this.
@@ -60,13 +66,32 @@ def test_elbo(result, settings, data, protocol) -> float:
     return evaluate(result.model, test, settings, protocol).metrics["elbo"]
 
 
+def initial_checkpoint(settings, data) -> dict:
+    """The checkpoint of a run before its first epoch, in the format of vaebench.train's: the
+    weights, the optimiser and the random streams exactly as `train` starts them."""
+    from vaebench.step import Streams
+    from vaebench.train import OPTIMIZERS, Record, build_for, resolve_device, splits_for
+
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)  # as train(): the initialisation, then the streams
+    streams = Streams(settings.seed, device)
+    train_split, _ = splits_for(settings, data, device)
+    model = build_for(settings, train_split.shape).to(device)
+    optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return {**Record().checkpoint(), "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": streams.get_state()}
+
+
 def twins(args: argparse.Namespace, latent: int, beta: float, data, protocol) -> list[str]:
     from vaebench.train import train
 
     settings = cell(args, latent, beta)
     first: dict = {}
-    train(settings.model_copy(update={"epochs": 1}), data, progress=False,
-          on_epoch_end=lambda epoch, metrics, ckpt: first.update(ckpt))
+    if args.branch == "init":
+        first = initial_checkpoint(settings, data)
+    else:
+        train(settings.model_copy(update={"epochs": 1}), data, progress=False,
+              on_epoch_end=lambda epoch, metrics, ckpt: first.update(ckpt))
     t0 = time.perf_counter()
     plain = train(settings, data, resume=first, progress=False)  # train and train_packed leave `first` as it is
     reference = test_elbo(plain, settings, data, protocol)
@@ -76,28 +101,39 @@ def twins(args: argparse.Namespace, latent: int, beta: float, data, protocol) ->
     gaps = [abs(e - reference) for e in others]
     # the evaluated weights are each twin's best epoch by validation loss: twins that pick
     # different epochs are a whole epoch of training apart, whatever the rounding
-    lines = [f"vae-mlp-z{latent}-b{beta:g}-sum ({args.epochs} epochs, {seconds:.0f} s a twin): reference test/elbo "
+    lines = [f"vae-mlp-z{latent}-b{beta:g}-sum ({args.epochs} epochs, branched {WHERE[args.branch]}, "
+             f"{seconds:.0f} s a twin): reference test/elbo "
              f"{reference:.2f}; perturbed twins " + ", ".join(f"{e:.2f}" for e in others)
              + f"; |gap| max {max(gaps):.2f}, mean {sum(gaps) / len(gaps):.2f} nats; best epochs: reference "
              f"{plain.best_epoch}, twins " + ", ".join(str(t.best_epoch) for t in trained)]
+    if args.branch == "init":  # the construction of the initial checkpoint is right only if this holds
+        straight = train(settings, data, progress=False)
+        same = all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                     plain.model.state_dict().values()))
+        lines.append(f"  the reference is {'bit for bit' if same else 'NOT bit for bit'} the run trained "
+                     f"straight through")
     if args.packed:
-        lines.append(packed_twin(settings, data, first, plain, reference, protocol))
+        lines.append(packed_twin(settings, data, first, plain, reference, protocol, args.pack_size))
     return lines
 
 
-def packed_twin(settings, data, first: dict, plain, reference: float, protocol) -> str:
-    """The same resumed cell trained packed beside a sibling (another seed): batched kernels, as
-    on a GPU; on the CPU they may or may not round as the plain loop's do."""
+WHERE = {"epoch1": "after epoch 1", "init": "at initialisation"}
+
+
+def packed_twin(settings, data, first: dict, plain, reference: float, protocol, size: int) -> str:
+    """The same resumed cell trained packed beside `size` - 1 siblings (other seeds): batched
+    kernels, as on a GPU; on the CPU they may or may not round as the plain loop's do."""
     from vaebench.packed import train_packed
 
-    sibling = settings.model_copy(update={"seed": settings.seed + 1})
-    result, _ = train_packed([settings, sibling], data, resumes=[first, None], progress=False)
+    siblings = [settings.model_copy(update={"seed": settings.seed + i}) for i in range(1, size)]
+    result, *_ = train_packed([settings, *siblings], data, resumes=[first] + [None] * len(siblings), progress=False)
     if isinstance(result, Exception):
         raise result
     where = "captured" if result.how.get("vaebench.step") == "cuda-graph" else "eager"
     same = all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values()))
     elbo = test_elbo(result, settings, data, protocol)
-    return (f"  packed beside a sibling (K=2, {settings.device}, {where}): test/elbo {elbo:.2f}, "
+    return (f"  packed beside {'a sibling' if size == 2 else f'{size - 1} siblings'} (K={size}, {settings.device}, "
+            f"{where}): test/elbo {elbo:.2f}, "
             f"|gap| {abs(elbo - reference):.2f} nats "
             f"(best epoch {result.best_epoch}); parameters {'bit-identical to' if same else 'not bit-identical to'} "
             f"the plain loop's")
@@ -118,11 +154,16 @@ def main() -> None:
     p.add_argument("--beta", type=float, nargs="*", default=[4.0, 1.0])
     p.add_argument("--iw-samples", type=int, default=100)
     p.add_argument("--no-packed", dest="packed", action="store_false",
-                   help="leave out the twin trained packed beside a sibling")
+                   help="leave out the twin trained packed beside its siblings")
+    p.add_argument("--pack-size", type=int, default=2, help="the packed twin's K (itself and K-1 siblings)")
+    p.add_argument("--from", dest="branch", choices=list(WHERE), default="epoch1",
+                   help="where the twins branch: after the first epoch (default) or at initialisation")
     p.add_argument("--test-samples", type=int, default=2000, help="evaluate on the first N test images")
     args = p.parse_args()
     if len(args.latent) != len(args.beta):
         p.error("--latent and --beta pair up: give as many of each")
+    if args.pack_size < 2:
+        p.error("--pack-size: at least 2 (the twin and a sibling)")
     protocol = EvaluateSettings(iw_samples=args.iw_samples, max_test_samples=args.test_samples,
                                 clustering=False, figures=False)
     data = dataset_for(cell(args, args.latent[0], args.beta[0]), args.data_dir)

@@ -38,6 +38,19 @@ def test_bench_twins_prints_each_cell_with_its_twins_and_their_gap(tmp_path: Pat
     assert packed and abs(float(packed.group(1)) - reference) < 0.5 and int(packed.group(3)) in (0, 1)
 
 
+def test_bench_twins_branches_at_initialisation_and_packs_k_members(tmp_path: Path) -> None:
+    """`--from init`: the twins branch from a checkpoint of no epoch, built as train() starts a
+    run, so the unchanged twin is the run trained straight through, bit for bit."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_twins.py"), "--dataset", "digits",
+                          "--data-dir", str(tmp_path), "--epochs", "2", "--twins", "1", "--test-samples", "100",
+                          "--iw-samples", "10", "--latent", "4", "--beta", "2", "--from", "init", "--pack-size", "3"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "vae-mlp-z4-b2-sum (2 epochs, branched at initialisation," in out.stdout
+    assert "  the reference is bit for bit the run trained straight through" in out.stdout
+    assert re.search(r"packed beside 2 siblings \(K=3, cpu, eager\): test/elbo -[\d.]+", out.stdout)
+
+
 def test_bench_twins_refuses_unpaired_latent_and_beta() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_twins.py"), "--latent", "2", "16",
                           "--beta", "1"], check=False, capture_output=True, text=True, timeout=120)
