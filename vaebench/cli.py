@@ -5,7 +5,7 @@ flags), 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (rerun to resume), 
 reader went away (`| head`; as a Unix tool killed by SIGPIPE, and a sweep resumes from there).
 
 SIGTERM (a scheduler's stop, `kill`, `timeout`) is taken as Ctrl-C is: `run` and `tune` stop at the
-end of the current batch (`tune` with --jobs: each worker does), every other command stops as if
+end of the current batch (with --jobs, each worker does), every other command stops as if
 interrupted.
 """
 
@@ -175,10 +175,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # checked before the study: a path that cannot be written is better said now than after it
     export = (output_path(args.export, f"{filename_safe(exp.name)}-best.yaml", "--export", keep=study_files(exp))
               if args.export else None)
-    # one process stops where it is safe to (a KeyboardInterrupt inside a SQLite write can leave the
-    # database locked); with --jobs the workers do, and this process waits for them
-    alone = args.jobs == 1 and args.executor != "ray"
-    with (graceful_interrupt("the end of the current batch, or of the trial being evaluated") if alone
+    # a stop is taken where it is safe to (a KeyboardInterrupt inside a SQLite write can leave the
+    # database locked): at a batch, after a trial, or (--jobs) while waiting for the workers
+    local = args.executor != "ray"
+    with (graceful_interrupt("the end of the current batch, or of the trial being evaluated") if local
           else contextlib.nullcontext(None)) as should_stop:
         code = tune_experiment(exp, n_trials=args.trials, n_jobs=args.jobs, timeout=args.timeout,
                                export=export, echo=print, on_ray=args.executor == "ray",

@@ -27,7 +27,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
     invocation finished, a worker crashed, or nothing to export). `n_jobs` workers share the
     study: local processes, or with `on_ray` tasks on the Ray cluster at `ray_address`. In one
     process `should_stop` ends it at the next batch or after the trial being evaluated
-    (workers.optimize); worker processes stop on their own signals."""
+    (workers.optimize); with local workers it tells them to (workers.run_workers)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -67,7 +67,7 @@ def tune_experiment(exp: Experiment, *, n_trials: int | None = None, n_jobs: int
                 if on_ray:
                     codes = run_ray_workers(plan, remaining, plan.timeout, n_jobs, echo, ray_address)
                 elif n_jobs > 1:
-                    codes = run_workers(plan, remaining, plan.timeout, n_jobs, echo)
+                    codes = run_workers(plan, remaining, plan.timeout, n_jobs, echo, should_stop)
                 else:
                     optimize(plan, remaining, plan.timeout, echo=echo, should_stop=should_stop)
         except KeyboardInterrupt:

@@ -168,9 +168,10 @@ def _ignore(signum: int, frame: Any) -> None:
 
 
 def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs: int,
-                echo: Printer) -> list[int]:
+                echo: Printer, should_stop: Callable[[], bool] | None = None) -> list[int]:
     """N spawned processes share the study through its storage; each runs its share of the
-    remaining trials. Returns the workers' exit codes."""
+    remaining trials. Returns the workers' exit codes. `should_stop` (polled while waiting for
+    them) stops them as a Ctrl-C does, from a point where this process writes to no store."""
     import multiprocessing as mp
     import queue as queue_mod
 
@@ -196,6 +197,8 @@ def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs
 
     try:
         while any(p.is_alive() for p in procs):
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt("stop requested")
             drain(block=True)
     except KeyboardInterrupt:
         # A Ctrl-C in a terminal reached them too; a SIGTERM or SIGINT sent to this process alone
