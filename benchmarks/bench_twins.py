@@ -66,24 +66,8 @@ def test_elbo(result, settings, data, protocol) -> float:
     return evaluate(result.model, test, settings, protocol).metrics["elbo"]
 
 
-def initial_checkpoint(settings, data) -> dict:
-    """The checkpoint of a run before its first epoch, in the format of vaebench.train's: the
-    weights, the optimiser and the random streams exactly as `train` starts them."""
-    from vaebench.step import Streams
-    from vaebench.train import OPTIMIZERS, Record, build_for, resolve_device, splits_for
-
-    device = resolve_device(settings.device)
-    torch.manual_seed(settings.seed)  # as train(): the initialisation, then the streams
-    streams = Streams(settings.seed, device)
-    train_split, _ = splits_for(settings, data, device)
-    model = build_for(settings, train_split.shape).to(device)
-    optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    return {**Record().checkpoint(), "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": streams.get_state()}
-
-
 def twins(args: argparse.Namespace, latent: int, beta: float, data, protocol) -> list[str]:
-    from vaebench.train import train
+    from vaebench.train import initial_checkpoint, train
 
     settings = cell(args, latent, beta)
     first: dict = {}

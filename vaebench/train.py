@@ -198,6 +198,32 @@ def epoch_metrics(sums: list[float], n: int, end_weight: float, eff_beta: float,
             "train/lr": lr_at(settings, epoch)}
 
 
+def _start(settings: RunSettings, data: Dataset, device: torch.device) -> tuple[Streams, DeviceSplit, DeviceSplit,
+                                                                               AutoEncoder, torch.optim.Optimizer]:
+    """A run before its first epoch: its random streams, splits, initialised model and optimiser."""
+    torch.manual_seed(settings.seed)  # the initialisation; every later draw comes from `streams`
+    streams = Streams(settings.seed, device)
+    train_split, val_split = splits_for(settings, data, device)
+    model = build_for(settings, train_split.shape).to(device)
+    model.set_dataset_size(len(train_split))
+    optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr,
+                                               weight_decay=settings.weight_decay)
+    return streams, train_split, val_split, model, optimizer
+
+
+def _checkpoint(record: Record, model: AutoEncoder, optimizer: torch.optim.Optimizer,
+                streams: Streams) -> dict[str, Any]:
+    return {**record.checkpoint(), "model": _cpu_copy(model.state_dict()),
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": streams.get_state()}
+
+
+def initial_checkpoint(settings: RunSettings, data: Dataset) -> dict[str, Any]:
+    """The checkpoint of a run before its first epoch: resuming from it trains the run exactly as
+    from scratch (benchmarks/bench_twins.py branches twins there)."""
+    streams, _, _, model, optimizer = _start(settings, data, resolve_device(settings.device))
+    return _checkpoint(Record(), model, optimizer, streams)
+
+
 def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None = None,
           on_epoch_end: EpochCallback | None = None, progress: bool = True,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
@@ -207,13 +233,7 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
     from tqdm.auto import tqdm
 
     device = resolve_device(settings.device)
-    torch.manual_seed(settings.seed)  # the initialisation; every later draw comes from `streams`
-    streams = Streams(settings.seed, device)
-    train_split, val_split = splits_for(settings, data, device)
-    model = build_for(settings, train_split.shape).to(device)
-    model.set_dataset_size(len(train_split))
-    optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), lr=settings.lr,
-                                               weight_decay=settings.weight_decay)
+    streams, train_split, val_split, model, optimizer = _start(settings, data, device)
     shape = train_split.shape
     num_pixels = math.prod(shape)
     eff_beta = effective_beta(settings.beta, settings.reduction, num_pixels)
@@ -264,9 +284,7 @@ def train(settings: RunSettings, data: Dataset, *, resume: dict[str, Any] | None
             record.best_model = _cpu_copy(model.state_dict())
         bar.set_postfix(loss=f"{metrics['train/loss']:.3g}", val=f"{metrics['val/loss']:.3g}")
         if on_epoch_end is not None:
-            checkpoint = {**record.checkpoint(), "model": _cpu_copy(model.state_dict()),
-                          "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": streams.get_state()}
-            on_epoch_end(epoch, metrics, checkpoint)
+            on_epoch_end(epoch, metrics, _checkpoint(record, model, optimizer, streams))
     bar.close()
 
     if record.best_model is not None:

@@ -42,6 +42,13 @@ def changed_since(plan: Plan, trial: Any) -> str | None:
     return None if now == recorded else f"run key {recorded}, the file now gives {now}"
 
 
+def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """Raise KeyboardInterrupt here when a stop was asked for (a signal sets the flag; the places
+    that poll it write to no store: see workers.optimize)."""
+    if should_stop is not None and should_stop():
+        raise KeyboardInterrupt("stop requested")
+
+
 class Objective:
     """The function Optuna calls: one trial = one MLflow run."""
 
@@ -58,8 +65,7 @@ class Objective:
         from vaebench.matrix import RunSpec, run_key, run_name
 
         plan, tracker = self.plan, self.tracker
-        if self.should_stop is not None and self.should_stop():  # asked for while Optuna opened the trial
-            raise KeyboardInterrupt("stop requested")
+        stop_if_asked(self.should_stop)  # asked for while Optuna opened the trial
         # First of all, who runs it: if this process dies, the next `vaebench tune` on this
         # machine sees the pid is gone and fails the trial (see fail_orphans).
         trial.set_user_attr(ATTR_WORKER, worker_id())

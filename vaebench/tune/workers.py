@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from vaebench.tune.plan import Plan, open_study
 from vaebench.tune.storage import quiet
-from vaebench.tune.trial import ATTR_RUN_ID, ATTR_WORKER, TAG_TRIAL_STATE, Objective, trial_line
+from vaebench.tune.trial import ATTR_RUN_ID, ATTR_WORKER, TAG_TRIAL_STATE, Objective, stop_if_asked, trial_line
 
 Printer = Callable[[str], None]
 WORKER_GRACE = 15.0  # seconds the workers have, after a stop, to record their trials
@@ -36,7 +36,7 @@ def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker:
     study = open_study(plan, worker=worker, on_stale=StaleRunCloser(plan.tracking_uri, plan.exp.name))
     callbacks = [lambda study, t: echo(trial_line(plan, t))]
     if should_stop is not None:  # a stop asked for during a trial's evaluation: that trial is kept
-        callbacks.append(lambda study, t: _raise_if(should_stop))
+        callbacks.append(lambda study, t: stop_if_asked(should_stop))
     if plan.n_trials is not None:  # the study's total, whoever runs the trials (other machines too)
         callbacks.append(MaxTrialsCallback(plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     try:
@@ -45,11 +45,6 @@ def optimize(plan: Plan, n_trials: int | None, timeout: float | None, *, worker:
     except KeyboardInterrupt:
         stop_stray_heartbeats()
         raise
-
-
-def _raise_if(should_stop: Callable[[], bool]) -> None:
-    if should_stop():
-        raise KeyboardInterrupt("stop requested")
 
 
 def stop_stray_heartbeats() -> int:
@@ -197,8 +192,7 @@ def run_workers(plan: Plan, remaining: int | None, timeout: float | None, n_jobs
 
     try:
         while any(p.is_alive() for p in procs):
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt("stop requested")
+            stop_if_asked(should_stop)
             drain(block=True)
     except KeyboardInterrupt:
         # A Ctrl-C in a terminal reached them too; a SIGTERM or SIGINT sent to this process alone
