@@ -62,6 +62,34 @@ def test_a_nan_in_training_fails_the_cell_at_its_epoch_and_is_not_resumed_blindl
     assert math.isfinite(new.data.metrics["test/elbo"])
 
 
+
+def test_a_model_whose_test_metrics_are_not_finite_fails_as_diverged_and_keeps_what_was_measured(
+        tmp_path: Path) -> None:
+    """A training loss can stay finite (1e28 at a huge lr) while the model overflows on the test
+    set: such a cell is diverged, not finished with NaN in the report."""
+    _, exp, uri, _ = interrupted_run(tmp_path)
+    (killed,) = runs_of(uri)
+    tracker = tracking.connect(uri, "faults")
+    checkpoint = tracking.load_torch(tracker, killed.info.run_id, tracking.CHECKPOINT_PATH)
+    checkpoint["stopped_early"] = True  # nothing left to train: the run goes straight to its evaluation
+    for weights in (checkpoint["model"], checkpoint["best_model"]):
+        (bias,) = [k for k in weights if k.endswith("to_logvar.bias")]
+        weights[bias] = torch.full_like(weights[bias], 1e4)  # exp(1e4): an infinite posterior variance
+    tracking.log_torch(tracker, killed.info.run_id, tracking.CHECKPOINT_PATH, checkpoint)
+
+    summary = run_experiment(exp, progress=False, echo=quiet)
+    assert summary.exit_code == 1
+    (failed,) = summary.of("failed")
+    assert "TrainingDiverged" in failed.error and "test/elbo" in failed.error and "smaller lr" in failed.error
+    (run,) = runs_of(uri)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_FAILURE] == "diverged"
+    assert "test/elbo" in run.data.tags[tracking.TAG_ERROR]
+    assert "test/recon_mse" in run.data.metrics  # what the evaluation measured is on the run
+    # deterministic: the next run leaves it failed
+    again = run_experiment(exp, progress=False, echo=quiet)
+    assert [r.earlier for r in again.of("failed")] == [True] and len(runs_of(uri)) == 1
+
+
 FAIL_FAST_STUDY = """
 name: faults
 defaults: {dataset: digits, model: vae, epochs: 2, batch_size: 16, max_train_samples: 160, latent_dim: 2,

@@ -145,7 +145,24 @@ def complete(job: Job, tracker: tracking.Tracker, *, model: AutoEncoder | None =
     # retried logs each of them once
     cpu = {"eval/cpu_seconds": time.perf_counter() - t0}  # clustering, figures and uploads
     tracking.log_metrics(tracker, run_id, {**job.final, **final, **cpu}, step=job.step)
+    _check_finite(final, s)  # after the log: what was measured stays on the run
     return {**job.final, **final, **cpu}
+
+
+# the protocol's headline metrics: a model for which one is NaN or infinite has diverged, even when
+# its training loss stayed finite (an lr that drives it to 1e28 overflows on the test set)
+HEADLINE = ("test/elbo", "test/nll_iw", "test/recon_mse")
+
+
+def _check_finite(final: dict[str, float], s: RunSettings) -> None:
+    import math
+
+    from vaebench.train import TrainingDiverged
+
+    bad = [f"{k} is {final[k]}" for k in HEADLINE if k in final and not math.isfinite(final[k])]
+    if bad:
+        raise TrainingDiverged(f"{' and '.join(bad)}: the trained model overflows on the test set (it "
+                               f"diverged in training); try a smaller lr than {s.lr}")
 
 
 def _measure(exp: Experiment, s: RunSettings, model: AutoEncoder, data: Dataset, *, score: bool) -> Evaluation:
