@@ -52,6 +52,19 @@ def test_out_of_range_matrix_value_points_at_the_value(write_yaml) -> None:
     assert ":5: matrix.beta[1]: -2.0" in text and "greater than or equal to 0" in text
 
 
+
+def test_errors_in_defaults_do_not_hide_the_matrix_and_include_errors(write_yaml) -> None:
+    """One run lists every problem: the matrix and includes are checked on the defaults without
+    their wrong keys, for their own values' errors only (nothing said twice)."""
+    text = errors_of(write_yaml(
+        "name: x\ndefaults:\n  epochs: -3\n  batch_size: 0\nmatrix:\n  beta: [1.0, -2.0]\n"
+        "  arch: [mlp, transformer]\ninclude:\n  - {latent_dim: 0}\n"))
+    assert ":3: defaults.epochs: -3" in text and ":4: defaults.batch_size: 0" in text
+    assert ":6: matrix.beta[1]: -2.0" in text and ":7: matrix.arch[1]: 'transformer'" in text
+    assert ":9: include[0].latent_dim: 0" in text
+    assert text.count("epochs") == 1 and text.count("batch_size") == 1
+
+
 @pytest.mark.parametrize("axis,value,allowed", [
     ("dataset", "mnistt", "digits"), ("model", "gan", "vae"), ("arch", "resnet", "deep_conv"),
     ("reduction", "median", "'sum' or 'mean'"), ("device", "tpu", "cuda:N"),

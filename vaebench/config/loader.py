@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import ValidationError
@@ -159,9 +159,13 @@ class _Problems:
         where = f"{line}: " if line else " "
         self.items.append(f"{where}{_fmt_path(path)}: {message}")
 
-    def add_validation(self, prefix: tuple, err: ValidationError, data: Any = None) -> None:
+    def add_validation(self, prefix: tuple, err: ValidationError, data: Any = None,
+                       keep: Callable[[Any], bool] | None = None) -> None:
+        """`keep`: the errors to report (default all)."""
         numbers: set[tuple] = set()  # where an `int | float` union failed as both: said once
         for e in err.errors():
+            if keep is not None and not keep(e):
+                continue
             loc = tuple(x for x in e["loc"] if x not in ("function-after", "literal", "int", "float", "str"))
             # pydantic prefixes union members ("float", "literal[...]"): keep the YAML-shaped path
             loc = tuple(x for x in loc if not (isinstance(x, str) and x.startswith(("literal[", "constrained-"))))
@@ -342,11 +346,20 @@ def _canonical(value: Any) -> Any:
 def _check_settings(exp: Experiment, problems: _Problems) -> None:
     """Validate defaults, each matrix value and each include entry as run settings."""
 
+    base: dict[str, Any] = exp.defaults
+    own: Callable[[Any, set[str]], bool] = lambda err, keys: True  # noqa: E731 - which errors are a value's own
     try:
         RunSettings.model_validate(exp.defaults)
     except ValidationError as e:
         problems.add_validation(("defaults",), e)
-        return  # every cell builds on the defaults: further errors would only repeat these
+        wrong = {err["loc"][0] for err in e.errors() if err["loc"]}
+        if len(wrong) < len(e.errors()):  # a problem of the defaults as a whole: nothing can be isolated
+            return
+        # The matrix and the includes are still checked, so that one run lists every problem: on the
+        # defaults without their wrong keys, for the errors of their own keys only (the others would
+        # repeat the defaults' problems, or come from the keys left out).
+        base = {k: v for k, v in exp.defaults.items() if k not in wrong}
+        own = lambda err, keys: bool(err["loc"]) and err["loc"][0] in keys  # noqa: E731
     if not exp.matrix and not exp.include:
         problems.add(("matrix",), "the matrix is empty; give at least one axis, e.g. `model: [ae, vae]`")
     seen: dict[str, str] = {}
@@ -378,14 +391,14 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
         combined = len(exp.matrix) > 1 or bool(exp.exclude)
         for i, value in enumerate(values):
             try:
-                RunSettings.model_validate(apply_setting(exp.defaults, axis, value))
+                RunSettings.model_validate(apply_setting(base, axis, value))
             except ValidationError as e:
                 wrong_path = next(filter(None, (_path_message(axis, err) for err in e.errors())), None)
                 if wrong_path:  # the axis's name, not this value: said once
                     problems.add(("matrix", axis), wrong_path)
                     break
                 for err in e.errors():
-                    if combined and not err["loc"]:
+                    if (combined and not err["loc"]) or not own(err, {head}):
                         continue
                     problems.add(("matrix", axis, i), f"{_show(value)}: {in_matrix(err)}")
             except (TypeError, ValueError) as e:
@@ -401,13 +414,14 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
             for i, entry in enumerate(exp.include):
                 if any(split_axis(key)[0] not in SETTING_NAMES or "" in key.split(".") for key in entry):
                     continue  # reported above; the schema would only say it again
-                cell = dict(exp.defaults)
+                cell = dict(base)
                 try:
                     for key, value in entry.items():
                         cell = apply_setting(cell, key, value)
                     RunSettings.model_validate(cell)
                 except ValidationError as e:
-                    problems.add_validation(("include", i), e)
+                    heads = {split_axis(key)[0] for key in entry}
+                    problems.add_validation(("include", i), e, keep=lambda err, heads=heads: own(err, heads))
                 except (TypeError, ValueError) as e:
                     problems.add(("include", i), str(e))
 
