@@ -73,6 +73,18 @@ def test_bench_step_counts_fewer_kernels_for_the_flat_update(tmp_path: Path) -> 
         assert float(base_ms) > 0 and float(flat_ms) > 0
 
 
+
+def test_bench_overhead_times_the_loop_alone_and_in_the_runner_both_ways(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--dataset", "digits",
+                          "--data-dir", str(tmp_path), "--members", "2", "--epochs", "4", "--repeat", "1"],
+                         check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(r"^  (alone|runner, metrics every epoch|runner, metrics batched) +an epoch: ([0-9.]+) s in the "
+                      r"loop \(x([0-9.]+)\), ([0-9.]+) s by the clock \(x([0-9.]+)\)$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["alone", "runner, metrics every epoch", "runner, metrics batched"]
+    assert rows[0][2] == rows[0][4] == "1.00" and all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_bench_evaluate_times_the_likelihood_both_ways_and_the_protocol(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_evaluate.py"), "--dataset", "mnist5k",
@@ -131,7 +143,8 @@ def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
-@pytest.mark.parametrize("script", ["bench_gpu", "bench_step", "bench_evaluate", "bench_layout"])
+@pytest.mark.parametrize("script", ["bench_gpu", "bench_step", "bench_evaluate", "bench_layout",
+                                    "bench_overhead"])
 def test_a_benchmark_asked_for_cuda_without_one_says_so_in_one_line(script: str, tmp_path: Path) -> None:
     # an empty data directory: the flag is refused before any file is looked for
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--device", "cuda",

@@ -80,6 +80,39 @@ def test_epoch_metrics_carry_the_time_the_epoch_ended_not_the_time_they_were_wri
     assert (metric.step, metric.value, metric.timestamp) == (3, 1.5, ended)
 
 
+
+@pytest.mark.parametrize("pack", [1, 2], ids=["plain", "packed"])
+def test_epoch_metrics_held_back_are_written_when_the_sweep_stops(tmp_path: Path, monkeypatch, pack: int) -> None:
+    """Between checkpoints, epoch metrics are sent at most every units.METRICS_EVERY_S, several
+    epochs in one write. A stop sends those held back: the KILLED run has every epoch it finished,
+    once, and the resumed run logs the rest."""
+    from faultlib import quiet, runs_of, study_file
+    from vaebench import units
+
+    monkeypatch.setattr(units, "METRICS_EVERY_S", 3600.0)  # after the first epoch, hold every one back
+    exp = load_experiment(study_file(tmp_path, epochs=6, betas=[1.0, 2.0][:pack]))
+    uri = exp.resolved_tracking_uri()
+    batches = 0
+
+    def stop() -> bool:  # in the middle of epoch 3 (10 batches an epoch)
+        nonlocal batches
+        batches += 1
+        return batches > 1 + 3 * 10 + 5
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, pack=pack, progress=False, echo=quiet, should_stop=stop)
+    client = mlflow.MlflowClient(uri)
+    runs = runs_of(uri)
+    assert len(runs) == pack and {r.info.status for r in runs} == {"KILLED"}
+    for run in runs:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [0, 1, 2]
+
+    run_experiment(exp, pack=pack, progress=False, echo=quiet)  # from epoch 0's checkpoint
+    for run in runs_of(uri):
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(6))
+
+
 def test_rerun_skips_finished_and_force_retrains(tiny_file: Path) -> None:
     exp = load_experiment(tiny_file)
     run_experiment(exp, progress=False, echo=lambda s: None)

@@ -352,6 +352,15 @@ def log_metrics(tracker: Tracker, run_id: str, metrics: dict[str, float], step: 
         tracker.client.log_batch(run_id, metrics=items[i:i + 1000])
 
 
+def log_epochs(tracker: Tracker, run_id: str, epochs: list[tuple[int, dict[str, float], int]]) -> None:
+    """Several epochs' metrics in one write: (epoch, metrics, when they were measured in ms)."""
+    from mlflow.entities import Metric
+
+    items = [Metric(k, float(v), at_ms, epoch) for epoch, metrics, at_ms in epochs for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        tracker.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+
 def logged_steps(tracker: Tracker, run_id: str, key: str) -> set[int]:
     return {m.step for m in tracker.client.get_metric_history(run_id, key)}
 

@@ -11,10 +11,13 @@ result), and the claim is released by the evaluator once the run's final status 
 
 Every call to the tracking store goes through a `tracking.Background` thread, so the trainer
 never waits for it. Checkpoints are written after a cell's first epoch, then at most every
-CHECKPOINT_EVERY_S seconds, and always after its last epoch; metrics after every epoch. A resumed
-cell retrains the epochs after its last checkpoint, exactly (vaebench.step), and does not log them
-twice. A checkpoint that turns out damaged when a run is resumed (tracking.ArtifactDamaged) ends
-that run FAILED with the reason, and the cell starts again from scratch in a new run. A cell
+CHECKPOINT_EVERY_S seconds, and always after its last epoch; the epochs' metrics with each
+checkpoint and in between at most every METRICS_EVERY_S seconds, several epochs in one write (a
+write holds the interpreter for milliseconds, which a host-bound loop pays for:
+benchmarks/bench_overhead.py). A resumed cell retrains the epochs after its last checkpoint,
+exactly (vaebench.step), and does not log them twice. A checkpoint that turns out damaged when a
+run is resumed (tracking.ArtifactDamaged) ends that run FAILED with the reason, and the cell
+starts again from scratch in a new run. A cell
 whose checkpoint or metrics the store did not take (a full disk, a store that stayed away) fails
 with that error; one that lost its claim (it stalled past the lease) stops writing to its run.
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from vaebench.matrix import RunSpec
 
 CHECKPOINT_EVERY_S = 30.0
+METRICS_EVERY_S = 5.0
 
 
 @dataclass
@@ -69,6 +73,15 @@ class _Open:
     done: bool = False
     error: BaseException | None = None  # the store did not take a write for it: it fails
     lost: bool = False  # its claim went to another runner: nothing more is written for it
+    # (epoch, metrics, its end in ms) not yet sent to the background thread
+    pending: list[tuple[int, dict[str, float], int]] = field(default_factory=list)
+    sent_at: float | None = None  # when metrics were last sent to the background thread
+
+    def send_metrics(self, tracker: tracking.Tracker, background: tracking.Background) -> None:
+        """The epochs' metrics held so far, in one write."""
+        if self.pending and self.error is None and not self.lost:
+            background.submit(tracking.log_epochs, tracker, self.run_id, self.pending)
+        self.pending, self.sent_at = [], time.monotonic()
 
 
 def run_unit(exp: Experiment, unit: Unit, tracker: tracking.Tracker, parent_id: str | None, evaluator: Evaluator,
@@ -201,19 +214,24 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
         if o.error is not None or o.lost:
             return  # it fails (or is another runner's) at its end; nothing more is written for it
         now = time.monotonic()
-        if final or o.checkpoint_at is None or now - o.checkpoint_at >= CHECKPOINT_EVERY_S:
+        checkpoint = final or o.checkpoint_at is None or now - o.checkpoint_at >= CHECKPOINT_EVERY_S
+        if checkpoint:
             o.checkpoint, o.checkpoint_at = make_checkpoint(), now  # on the CPU: training goes on
-            # checkpoint first, then metrics: a crash in between re-logs nothing twice on resume
             background.submit(tracking.log_torch, tracker, o.run_id, tracking.CHECKPOINT_PATH, o.checkpoint,
                               coalesce=(o.run_id, tracking.CHECKPOINT_PATH))
         if epoch not in o.logged:
             # stamped with the epoch's end, not the write's: the UI's time axis is training time
-            background.submit(tracking.log_metrics, tracker, o.run_id, metrics, epoch, int(time.time() * 1000))
+            o.pending.append((epoch, metrics, int(time.time() * 1000)))
             o.logged.add(epoch)
+        # with every checkpoint, after it (a crash in between re-logs nothing twice on resume: the
+        # checkpoint's history has them), and in between at most every METRICS_EVERY_S
+        if checkpoint or o.sent_at is None or now - o.sent_at >= METRICS_EVERY_S:
+            o.send_metrics(tracker, background)
 
     def on_done(i: int, outcome: Any) -> None:
         o = members[i]
         o.done = True
+        o.send_metrics(tracker, background)  # a diverged member's earlier epochs
         if o.lost or isinstance(outcome, ClaimLost):
             o.lost = True
             out.append(CellResult(o.spec, "claimed", o.run_id, note="another runner took it over (this one "
@@ -281,6 +299,7 @@ def _stop(opened: list[_Open], tracker: tracking.Tracker, background: tracking.B
     """An interrupt: the unit's unfinished runs end KILLED (resumable), after what was queued for
     them; then their claims go."""
     for o in opened:
+        o.send_metrics(tracker, background)
         if not o.lost:
             background.submit(tracking.finish, tracker, o.run_id, "KILLED")
             background.submit(claims.release, tracker, o.spec.key)
