@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's quick GPU measurements in one device call (about 5 minutes on an H100, at most 9), so
+# Issue 8's quick GPU measurements in one device call (about 6 minutes on an H100, at most 10), so
 # that a session lent a GPU spends its 30 minutes on measuring, not on starting machines:
 #
 #   ../shared/device/prepare                                       # once, on the development machine
@@ -12,6 +12,7 @@
 #            (H100, 2026-11-23: deep_conv x2.31 channels-last, so "cuda" is in evaluate.CHANNELS_LAST)
 #   step     kernels and ms per packed step, per-parameter vs flat update, conv with the autotuner
 #   loops    the loops table (targets: captured MLP >= 150k img/s, packed >= 500k MLP, 250k conv)
+#   overhead the study's MLP pack of 8 alone vs in the runner, metrics every epoch vs batched
 # The 32-cell study and the twins are one call each after this (benchmarks/README.md); the
 # bench_gpu.py what-ifs (--cudnn-benchmark, --switch-interval) try a change on both sides first.
 set -u
@@ -34,7 +35,8 @@ step() {  # step NAME SECONDS COMMAND...
   "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
-step tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_packed.py tests/test_evaluate.py -k "cuda or channels"
+step tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_packed.py tests/test_evaluate.py -k "cuda or channels"
 step layout 120 "$py" benchmarks/bench_layout.py --device cuda --test-samples 10000 --iw-samples 1000
 step step 100 "$py" benchmarks/bench_step.py --device cuda --dataset mnist --members 1 8 32
 step loops 180 "$py" benchmarks/bench_gpu.py --part loops
+step overhead 100 "$py" benchmarks/bench_overhead.py --device cuda --dataset mnist --hidden 400 400 --epochs 10 --repeat 1

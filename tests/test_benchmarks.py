@@ -164,10 +164,10 @@ def test_gpu_checks_runs_every_step_and_keeps_each_log(tmp_path: Path) -> None:
                               "VAEBENCH_DATA_DIR": str(tmp_path / "empty")})
     assert out.returncode == 0, out.stderr
     steps = re.findall(r"^== (\w+): .*\n   exit (\d+) after \d+ s", out.stdout, re.M)
-    assert [name for name, _ in steps] == ["tests", "layout", "step", "loops"]
+    assert [name for name, _ in steps] == ["tests", "layout", "step", "loops", "overhead"]
     codes = dict(steps)
     assert codes["tests"] == "0"  # the CUDA tests skip, the channels-last ones pass on the CPU
-    assert codes["layout"] == codes["step"] == "2"  # --device cuda: one argparse error each
+    assert codes["layout"] == codes["step"] == codes["overhead"] == "2"  # --device cuda: one argparse error each
     assert codes["loops"] == "1"  # no MNIST in the empty data directory: one message
     for name, _ in steps:
         assert (tmp_path / "out" / f"{name}.log").stat().st_size > 0
