@@ -344,12 +344,8 @@ def log_metrics(tracker: Tracker, run_id: str, metrics: dict[str, float], step: 
                 at_ms: int | None = None) -> None:
     """`at_ms`: when the values were measured (ms since the epoch), for a caller that logs them
     later (the background thread); default now."""
-    from mlflow.entities import Metric
-
     now = at_ms if at_ms is not None else int(time.time() * 1000)  # once: a retried batch is the same batch
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for i in range(0, len(items), 1000):
-        tracker.client.log_batch(run_id, metrics=items[i:i + 1000])
+    log_epochs(tracker, run_id, [(step, metrics, now)])
 
 
 def log_epochs(tracker: Tracker, run_id: str, epochs: list[tuple[int, dict[str, float], int]]) -> None:

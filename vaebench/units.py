@@ -17,9 +17,9 @@ write holds the interpreter for milliseconds, which a host-bound loop pays for:
 benchmarks/bench_overhead.py). A resumed cell retrains the epochs after its last checkpoint,
 exactly (vaebench.step), and does not log them twice. A checkpoint that turns out damaged when a
 run is resumed (tracking.ArtifactDamaged) ends that run FAILED with the reason, and the cell
-starts again from scratch in a new run. A cell
-whose checkpoint or metrics the store did not take (a full disk, a store that stayed away) fails
-with that error; one that lost its claim (it stalled past the lease) stops writing to its run.
+starts again from scratch in a new run. A cell whose checkpoint or metrics the store did not
+take (a full disk, a store that stayed away) fails with that error; one that lost its claim (it
+stalled past the lease) stops writing to its run.
 
 A failed cell never stops the others; a Ctrl-C (KeyboardInterrupt) marks the unit's unfinished
 runs KILLED and propagates.
