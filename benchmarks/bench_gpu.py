@@ -22,7 +22,11 @@ processes), with each cell's test/elbo and best epoch side by side. The raw-pixe
 computed once before both (it is cached per dataset and never part of a cell's time). The
 one-at-a-time side takes about 11 minutes on an H100: `--baseline-from LOG` takes it from an
 earlier run's output instead, and `--only arch=mlp` (as `vaebench run --only`) runs part of the
-study on both sides, which fits one device call.
+study on both sides, which fits one device call. `--baseline-engine captured` makes the
+one-at-a-time side what `--pack off` is on CUDA (the packed engine with one member, its step
+captured, evaluated in worker processes): the two sides then differ by the packing alone, so the
+test/elbo gaps say what packing itself does (on the CPU a packed MLP member trains bit for bit as
+it does alone; tests/test_packed.py).
 
 Two what-ifs, each applied to everything the run measures (both sides of the study alike), to try
 a change before making it in vaebench: `--cudnn-benchmark` turns cuDNN's autotuner on
@@ -227,9 +231,14 @@ def part_matrix(args: argparse.Namespace) -> list[str]:
     warm_baselines(args)
     if args.baseline_from:  # a recorded one-at-a-time run of the same study (it takes ~11 min on an H100)
         base_wall, base, c1 = recorded_baseline(args.baseline_from)
+    elif args.baseline_engine == "captured":  # one member a pack, its step captured: what --pack off does on CUDA
+        base_wall, base, c1, _ = run("off", "auto", "auto")
     else:  # as before packing: eager, one at a time, evaluated in place
         base_wall, base, c1, _ = run("off", "off", "0")
-    source = f" (recorded: {args.baseline_from})" if args.baseline_from else ""
+    if args.baseline_from:
+        source = f" (recorded: {args.baseline_from})"
+    else:
+        source = " (the captured engine, one member a pack)" if args.baseline_engine == "captured" else ""
     wall, packed, code, steps = run("auto", "auto", "auto")
     base = {k: v for k, v in base.items() if k in packed or not args.only}  # a recorded run of the whole study
     part = f" ({len(packed)} cells: --only {' '.join(args.only)})" if args.only else ""
@@ -310,6 +319,10 @@ def main() -> None:
     p.add_argument("--matrix-epochs", type=int, default=10)
     p.add_argument("--matrix-dataset", default="mnist", help="dry runs: digits")
     p.add_argument("--baseline-from", metavar="LOG", help="take the one-cell-at-a-time side from an earlier run's output")
+    p.add_argument("--baseline-engine", choices=["plain", "captured"], default="plain",
+                   help="the one-cell-at-a-time side: the eager plain loop evaluated in place, as before packing "
+                        "(default), or the packed engine with one member, captured (--pack off's default on CUDA): "
+                        "then the two sides differ by the packing alone")
     p.add_argument("--iw-samples", type=int, default=1000)
     p.add_argument("--only", action="append", default=[], metavar="SETTING=VALUE",
                    help="run only these cells of the matrix on both sides, as `vaebench run --only`")

@@ -114,16 +114,20 @@ def test_bench_layout_times_both_layouts_and_finds_the_same_numbers(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["plain", "captured"])
+def test_bench_gpu_matrix_runs_part_of_the_study_on_both_sides(tmp_path: Path, engine: str) -> None:
     """The matrix part as a dry run on the CPU (where `--pack auto` packs nothing): it is meant for
     a GPU machine, where a broken script costs device time."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--part", "matrix",
                           "--matrix-dataset", "digits", "--matrix-epochs", "2", "--iw-samples", "4",
                           "--data-dir", str(tmp_path), "--only", "arch=mlp", "--only", "latent_dim=2",
-                          "--only", "beta=1", "--only", "beta=4", "--cudnn-benchmark", "--switch-interval", "0.001"],
+                          "--only", "beta=1", "--only", "beta=4", "--cudnn-benchmark", "--switch-interval", "0.001",
+                          "--baseline-engine", engine],
                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "(4 cells: --only arch=mlp latent_dim=2 beta=1 beta=4)" in out.stdout
+    # which one-at-a-time side it was is in the line that gives its time
+    assert ("s (the captured engine, one member a pack), exit code 0" in out.stdout) == (engine == "captured")
     # the what-ifs (no-ops on the CPU) are named with the device, so no figure is read without them
     assert out.stdout.startswith("device: CPU (cudnn.benchmark, switch interval 0.001 s); torch")
     assert out.stdout.splitlines()[0].endswith("; float32 math: fp32")

@@ -68,6 +68,21 @@ def test_members_differing_in_every_per_run_setting_train_as_alone(digits) -> No
         assert_same_training(train(s, digits, progress=False), p)
 
 
+
+def test_a_member_trains_the_same_whatever_its_siblings(digits) -> None:
+    """Packing itself changes nothing: a member of a pack of 8 (other betas, reductions, seeds)
+    trains as the same run packed alone, to the bit here (the MLP's batched products compute each
+    member's as a lone one does); what a pack differs from the plain loop by is the engine's
+    arithmetic (vmap'd products, the flat Adam), not its company. The bound below is that bit-for-bit
+    result with room for another CPU's BLAS kernels."""
+    members = [cell(seed=i, beta=b, reduction=r, epochs=4)
+               for i, (b, r) in enumerate((b, r) for b in (0.5, 1.0, 2.0, 4.0) for r in ("sum", "mean"))]
+    packed = train_packed(members, digits, progress=False)
+    for t in (0, 7):
+        (alone,) = train_packed([members[t]], digits, progress=False)
+        assert_same_training(alone, packed[t], rtol=1e-6, atol=1e-7, weights_rtol=1e-6)
+
+
 @pytest.mark.parametrize("model,arch,extra", [
     ("dae", "deep_conv", dict(image_size=16, binarization="static", likelihood="gaussian", gaussian_sigma="learned")),
     ("vae", "conv", dict(binarization="dynamic", reduction="mean")),
