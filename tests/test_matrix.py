@@ -37,6 +37,14 @@ def test_names_follow_the_axis_values(write_yaml) -> None:
     assert "dae-mlp-z16-b1-sum-digits-noise0.3-s0" in names
 
 
+
+def test_axes_ending_alike_are_named_by_their_whole_path(write_yaml) -> None:
+    specs = expand(load_experiment(write_yaml(
+        "name: x\ndefaults: {dataset: digits, kl_anneal: {schedule: linear}}\n"
+        "matrix:\n  epochs: [4]\n  kl_anneal.epochs: [2]\n  lr_schedule.gamma: [0.5]\n")))
+    assert [s.name for s in specs] == ["vae-mlp-z16-b1-sum-digits-epochs4-kl_anneal.epochs2-gamma0.5-s0"]
+
+
 def test_run_key_ignores_yaml_order_and_number_format(write_yaml) -> None:
     a = expand(load_experiment(write_yaml(BASE, "a.yaml")))
     reordered = """

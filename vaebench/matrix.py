@@ -121,8 +121,11 @@ def run_name(settings: RunSettings, axes: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=256)
 def _named_axes(axes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(axis, label) of the axes a run name spells out after the fixed parts (once per set of axes:
-    every cell of a matrix has the same ones)."""
-    return [(a, a.split(".")[-1]) for a in axes if split_axis(a)[0] not in NAME_PARTS and a != "seed"]
+    every cell of a matrix has the same ones). The label is the axis's last part (`kl_anneal.epochs`
+    -> `epochs`) unless another named axis ends the same way: then it is the whole path."""
+    named = [a for a in axes if split_axis(a)[0] not in NAME_PARTS and a != "seed"]
+    leaves = [a.split(".")[-1] for a in named]
+    return [(a, leaf if leaves.count(leaf) == 1 else a) for a, leaf in zip(named, leaves)]
 
 
 def cell_count(exp: Experiment) -> int:
