@@ -124,7 +124,12 @@ def test_every_new_family_packs_with_its_own_options_per_member(digits, family: 
     packed = train_packed(members, digits, progress=False)
     for s, p in zip(members, packed):
         assert p.how["vaebench.engine"] == "packed"
-        assert_same_training(train(s, digits, progress=False), p)
+        alone = train(s, digits, progress=False)
+        assert_same_training(alone, p)
+        # and what the state dict leaves out (beta_tcvae's N, the training split's size)
+        kept = alone.model.state_dict()
+        extra = {k: v.tolist() for k, v in alone.model.named_buffers() if k not in kept}
+        assert {k: v.tolist() for k, v in p.model.named_buffers() if k in extra} == pytest.approx(extra)
 
 
 def test_members_leave_as_they_stop_early_or_diverge(digits) -> None:

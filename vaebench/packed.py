@@ -200,6 +200,7 @@ class Pack:
         from torch.func import stack_module_state
 
         models = []
+        self.n_train = n_train
         self.members: list[Member] = []
         for i, (s, resume) in enumerate(zip(members, resumes)):
             torch.manual_seed(s.seed)  # the initialisation, exactly as the plain loop draws it
@@ -518,6 +519,7 @@ def _result(pack: Pack, p: int, device: torch.device, how: dict[str, str]) -> Tr
     """A member's TrainResult: its own plain model on the device, holding its best epoch's weights."""
     mb = pack.members[p]
     model = build_for(mb.settings, pack.model.in_shape)
+    model.set_dataset_size(pack.n_train)  # as the plain loop's model has it (β-TCVAE's N: not in the state dict)
     model.load_state_dict(mb.record.best_model if mb.record.best_model is not None else pack.member_state_dict(p))
     model.to(device).eval()
     r = mb.record
