@@ -66,7 +66,7 @@ def test_matrix_at_the_limit_expands_and_lists(write_yaml) -> None:
     path = write_yaml(f"name: big\ndefaults: {{dataset: digits}}\nmatrix:\n{matrix}")
     specs = expand(load_experiment(path))
     assert len(specs) == MAX_CELLS == len({s.key for s in specs})
-    assert specs[-1].name == "vae-mlp-z10-b1-sum-digits-epochs10-batch_size10-epochs10-max_train_samples10-s0"
+    assert specs[-1].name == "vae-mlp-z10-b1-sum-digits-epochs10-batch_size10-kl_anneal.epochs10-max_train_samples10-s0"
     code, out, _ = cli("ls", str(path), "--only", "latent_dim=3", "--only", "epochs=4")
     assert code == 0 and f"{MAX_CELLS // 100} cells in 'big'" in out
 

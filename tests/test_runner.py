@@ -294,7 +294,8 @@ def test_a_sigterm_stops_every_worker_cleanly(write_yaml, tmp_path: Path, to: st
     """A scheduler's SIGTERM to the process group, workers included (Slurm, systemd), or to the main
     process alone (`kill PID`, Kubernetes): each worker stops at its next batch (as on Ctrl-C), so
     both cells end KILLED with their checkpoints and resume."""
-    path = write_yaml(RESUMABLE.replace("beta: [1.0]", "beta: [1.0, 2.0]").replace("epochs: 30", "epochs: 80"))
+    # epochs enough that neither worker ends before the other's first checkpoint (they start apart)
+    path = write_yaml(RESUMABLE.replace("beta: [1.0]", "beta: [1.0, 2.0]").replace("epochs: 30", "epochs: 300"))
     proc = subprocess.Popen([sys.executable, "-m", "vaebench", "run", str(path), "--no-progress", "--jobs", "2"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
