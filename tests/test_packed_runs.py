@@ -153,6 +153,24 @@ def test_evaluation_in_worker_processes_logs_what_evaluation_in_place_logs(write
         assert "figures/latent_scatter.png" in figures and "figures/samples.png" in figures
 
 
+
+def test_a_cell_evaluated_in_a_worker_ends_while_the_next_unit_trains(write_yaml) -> None:
+    """A cell's run ends FINISHED (in the MLflow UI) as soon as its evaluation in a worker process
+    is done and its writes are through, not only once the unit training after it ends: the trainer
+    looks in on the evaluator after every epoch. Cell 1 trains 2 epochs, cell 2 long enough for cell
+    1's evaluation to finish meanwhile."""
+    text = STUDY.format(epochs=2, clustering="false", figures="false").replace("seeds: [0, 1]", "seeds: [0]")
+    path = write_yaml(text + "exclude:\n  - {reduction: mean}\n  - {beta: 2.0}\n"
+                             "include:\n  - {beta: 1.0, reduction: sum, epochs: 800}\n")
+    exp = load_experiment(path)
+    summary = run_experiment(exp, pack="off", eval_workers="1", progress=False, echo=quiet)
+    assert summary.exit_code == 0 and len(summary.of("trained")) == 2
+    client = mlflow.MlflowClient(exp.resolved_tracking_uri())
+    first, second = sorted((client.get_run(r.run_id) for r in summary.results), key=lambda r: r.info.start_time)
+    last_epoch = max(m.timestamp for m in client.get_metric_history(second.info.run_id, "train/loss"))
+    assert first.info.status == "FINISHED" and first.info.end_time < last_epoch
+
+
 def test_pack_option_is_checked_on_the_command_line(tiny_file: Path, capsys) -> None:
     assert cli.main(["run", str(tiny_file), "--pack", "many"]) == 2
     assert "expected auto, off or a number" in capsys.readouterr().err

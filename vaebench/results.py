@@ -7,8 +7,9 @@ Two ways to get there, with the same outcome in MLflow:
 - an `Evaluator` splits it so that the device never waits for the CPU: `prepare` runs the part of
   the protocol that needs the model on the device (encodings, ELBO, the IWAE estimate) in the
   trainer's process right after training; `complete` (clustering scores, figures, the uploads)
-  runs in a pool of worker processes while the device trains the next unit (`PoolEvaluator`), or
-  right away (`Evaluator`, the default on the CPU, where there are no idle cores to use).
+  runs in a pool of worker processes while the device trains the next unit (`PoolEvaluator`; the
+  trainer calls `poll` between epochs, which ends the runs whose evaluation is done), or right
+  away (`Evaluator`, the default on the CPU, where there are no idle cores to use).
 
 The dataset's raw-pixel baseline is computed once per dataset, preprocessing and protocol before
 any cell is evaluated (in the pool when there is one), never inside a cell's time.
@@ -337,6 +338,10 @@ class Evaluator:
         done, self._done = self._done, []
         return done
 
+    def poll(self) -> None:
+        """Between epochs, in the trainer's thread: move finished evaluations along (here every
+        cell is finished in `submit`: nothing to do)."""
+
     def drain(self) -> list[CellResult]:
         """Wait for every submitted cell; the cells finished since the last call."""
         return self.ready()
@@ -507,6 +512,15 @@ class PoolEvaluator(Evaluator):
     def ready(self) -> list[CellResult]:
         self._collect(block=False)
         return super().ready()
+
+    def poll(self) -> None:
+        """Send the jobs whose baseline became ready, and end the runs whose evaluation is done, so
+        that a cell is FINISHED in MLflow while the next unit trains, not once it has trained. Ending
+        a run waits for the tracking thread's queue: only when that is empty (the trainer does not wait)."""
+        if self.background.idle():
+            self._collect(block=False)
+        else:
+            self._dispatch()
 
     def drain(self) -> list[CellResult]:
         while self._in_flight():

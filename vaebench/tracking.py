@@ -624,6 +624,10 @@ class Background:
                 self._latest[coalesce] = self._seq
             self._queue.put((fn, args, self._seq, coalesce))
 
+    def idle(self) -> bool:
+        """Nothing submitted is still waiting or running."""
+        return self._queue.unfinished_tasks == 0
+
     def error(self, run_id: str) -> BaseException | None:
         """The error a call for `run_id` hit, if any so far."""
         return self._errors.get(run_id)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_EVERY_S = 30.0
 METRICS_EVERY_S = 5.0
+POLL_EVERY_S = 1.0  # how often, between epochs, the evaluator's finished work is looked at
 
 
 @dataclass
@@ -205,8 +206,14 @@ def _train(exp: Experiment, opened: list[_Open], data: Dataset, tracker: trackin
     from vaebench.packed import captured, train_packed
     from vaebench.train import TrainingDiverged, resolve_device, train
 
+    polled = time.monotonic()
+
     def on_epoch_end(i: int, epoch: int, metrics: dict[str, float], make_checkpoint: Callable[[], dict],
                      final: bool) -> None:
+        nonlocal polled
+        if time.monotonic() - polled >= POLL_EVERY_S:  # the cells of earlier units end while this one trains
+            evaluator.poll()
+            polled = time.monotonic()
         o = members[i]
         if o.error is None and not o.lost:
             o.error = background.error(o.run_id)
