@@ -74,7 +74,7 @@ def test_epoch_metrics_carry_the_time_the_epoch_ended_not_the_time_they_were_wri
     background = tracking.Background()
     ended = int(time.time() * 1000)
     background.submit(time.sleep, 0.3)  # a write queue that lags
-    background.submit(tracking.log_metrics, tracker, run_id, {"train/loss": 1.5}, 3, ended)
+    background.submit(tracking.log_epochs, tracker, run_id, [(3, {"train/loss": 1.5}, ended)])
     background.close()
     (metric,) = tracker.client.get_metric_history(run_id, "train/loss")
     assert (metric.step, metric.value, metric.timestamp) == (3, 1.5, ended)

@@ -340,16 +340,14 @@ def log_params(tracker: Tracker, run_id: str, params: dict[str, Any]) -> None:
         tracker.client.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(tracker: Tracker, run_id: str, metrics: dict[str, float], step: int = 0,
-                at_ms: int | None = None) -> None:
-    """`at_ms`: when the values were measured (ms since the epoch), for a caller that logs them
-    later (the background thread); default now."""
-    now = at_ms if at_ms is not None else int(time.time() * 1000)  # once: a retried batch is the same batch
+def log_metrics(tracker: Tracker, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)  # once: a retried batch is the same batch
     log_epochs(tracker, run_id, [(step, metrics, now)])
 
 
 def log_epochs(tracker: Tracker, run_id: str, epochs: list[tuple[int, dict[str, float], int]]) -> None:
-    """Several epochs' metrics in one write: (epoch, metrics, when they were measured in ms)."""
+    """Several epochs' metrics in one write: (epoch, metrics, when they were measured in ms), for a
+    caller that logs them later (the background thread): the UI's time axis is when they were measured."""
     from mlflow.entities import Metric
 
     items = [Metric(k, float(v), at_ms, epoch) for epoch, metrics, at_ms in epochs for k, v in metrics.items()]
