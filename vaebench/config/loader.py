@@ -343,11 +343,16 @@ def _canonical(value: Any) -> Any:
     return repr(value)
 
 
+def _at(err: Any, keys: set[str]) -> bool:
+    """Whether a pydantic error is at one of these top-level settings."""
+    return bool(err["loc"]) and err["loc"][0] in keys
+
+
 def _check_settings(exp: Experiment, problems: _Problems) -> None:
     """Validate defaults, each matrix value and each include entry as run settings."""
 
     base: dict[str, Any] = exp.defaults
-    own: Callable[[Any, set[str]], bool] = lambda err, keys: True  # noqa: E731 - which errors are a value's own
+    isolated = False  # the defaults had errors: only the errors at a value's own keys are its own
     try:
         RunSettings.model_validate(exp.defaults)
     except ValidationError as e:
@@ -358,8 +363,7 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
         # The matrix and the includes are still checked, so that one run lists every problem: on the
         # defaults without their wrong keys, for the errors of their own keys only (the others would
         # repeat the defaults' problems, or come from the keys left out).
-        base = {k: v for k, v in exp.defaults.items() if k not in wrong}
-        own = lambda err, keys: bool(err["loc"]) and err["loc"][0] in keys  # noqa: E731
+        base, isolated = {k: v for k, v in exp.defaults.items() if k not in wrong}, True
     if not exp.matrix and not exp.include:
         problems.add(("matrix",), "the matrix is empty; give at least one axis, e.g. `model: [ae, vae]`")
     seen: dict[str, str] = {}
@@ -398,7 +402,7 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
                     problems.add(("matrix", axis), wrong_path)
                     break
                 for err in e.errors():
-                    if (combined and not err["loc"]) or not own(err, {head}):
+                    if (combined and not err["loc"]) or (isolated and not _at(err, {head})):
                         continue
                     problems.add(("matrix", axis, i), f"{_show(value)}: {in_matrix(err)}")
             except (TypeError, ValueError) as e:
@@ -421,7 +425,8 @@ def _check_settings(exp: Experiment, problems: _Problems) -> None:
                     RunSettings.model_validate(cell)
                 except ValidationError as e:
                     heads = {split_axis(key)[0] for key in entry}
-                    problems.add_validation(("include", i), e, keep=lambda err, heads=heads: own(err, heads))
+                    problems.add_validation(("include", i), e,
+                                            keep=(lambda err: _at(err, heads)) if isolated else None)
                 except (TypeError, ValueError) as e:
                     problems.add(("include", i), str(e))
 
